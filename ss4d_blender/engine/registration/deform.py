@@ -1,0 +1,193 @@
+"""Non-rigid fit of one mesh (fixed topology) to a target surface.
+
+Energy, minimised by alternating local/global steps (as-rigid-as-possible style):
+
+    E(x) = Σ_i c_i · [ (n_i·(x_i − p_i))² + μ |x_i − p_i|² ]         data: forward (vertex → target)
+         + Σ_k c_k · [ (m_k·(x_{i_k} − q_k))² + μ |x_{i_k} − q_k|² ]   data: reverse (target → vertex)
+         + λ_r Σ_(i,j) |(x_i − x_j) − ½(R_i + R_j)(v_i − v_j)|²       rigidity (ARAP, R_i per vertex)
+         + λ_e Σ_(i,j) |(x_i − x_j) − l_ij d_ij|²                       edge length (l_ij rest length)
+         + ε |x − x_prev|²                                               damping
+
+v are the rest (reference) positions. Local step: nearest-point correspondences, the best
+rotation per vertex (SVD), edge directions d_ij. Global step: the normal equations, a sparse
+symmetric positive definite system in all 3V unknowns (point-to-plane couples x, y, z), solved by
+block-Jacobi preconditioned conjugate gradients warm-started from the current positions.
+
+Coarse to fine: the same solver runs first on a coarse version of the mesh (few hundred
+vertices, stiff), whose motion (position + rotation per coarse vertex) is carried to the fine
+mesh by smooth blending (an embedded deformation graph), then on the fine mesh with the
+stiffness annealed from high to low.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .geometry import face_areas, sample_surface, unique_edges, vertex_normals
+from .knn import PointGrid
+
+
+@dataclass
+class FitSettings:
+    iterations: int = 10
+    stiffness: tuple = (8.0, 4.0, 2.0, 1.0, 0.5)   # λ_r per iteration (last value repeats)
+    edge_weight: float = 0.5                        # λ_e relative to λ_r
+    point_weight: float = 0.1                       # μ: point-to-point share of the data term
+    reverse_weight: float = 1.0                     # reverse term, total weight relative to forward
+    normal_cos: float = 0.3                         # reject pairs whose normals disagree more
+    max_distance: float = 0.1                       # reject pairs further than this × diagonal
+    damping: float = 1e-3
+    cg_iterations: int = 40
+    cg_tolerance: float = 1e-6
+    converge: float = 2e-5                          # stop when no vertex moves more (× diagonal)
+
+
+class Target:
+    """One frame's surface prepared for fitting: area-uniform samples with normals in a grid."""
+
+    def __init__(self, v: torch.Tensor, f: torch.Tensor, samples: int, generator: torch.Generator):
+        self.v, self.f = v, f
+        self.points, self.normals = sample_surface(v, f, samples, generator)
+        area = float(face_areas(v, f).sum())
+        self.spacing = (area / max(self.points.shape[0], 1)) ** 0.5
+        self.grid = PointGrid(self.points, cell=2.5 * self.spacing)
+
+
+def _block_inverse(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(m)
+
+
+def _rotations(cov: torch.Tensor) -> torch.Tensor:
+    """Closest rotation R maximising tr(R cov) per [3,3] block: cov = U S Vᵀ -> R = V Uᵀ."""
+    u, _, vh = torch.linalg.svd(cov)
+    r = vh.transpose(1, 2) @ u.transpose(1, 2)
+    flip = torch.det(r) < 0
+    if flip.any():
+        vh = vh.clone()
+        vh[flip, 2, :] *= -1
+        r = vh.transpose(1, 2) @ u.transpose(1, 2)
+    return r
+
+
+class Deformer:
+    """A mesh with fixed topology and rest shape `rest` [V, 3] that can be fitted to targets."""
+
+    def __init__(self, rest: torch.Tensor, faces: torch.Tensor, settings: Optional[FitSettings] = None):
+        self.rest, self.faces = rest, faces
+        self.settings = settings or FitSettings()
+        e = unique_edges(faces)
+        self.src = torch.cat([e[:, 0], e[:, 1]])
+        self.dst = torch.cat([e[:, 1], e[:, 0]])
+        self.rest_edge = rest[self.src] - rest[self.dst]                 # [2E, 3]
+        self.rest_length = self.rest_edge.norm(dim=1)
+        nv = rest.shape[0]
+        self.degree = torch.bincount(self.src, minlength=nv).to(rest.dtype)
+        lo, hi = rest.min(0).values, rest.max(0).values
+        self.diag = float((hi - lo).norm()) or 1.0
+        self.mean_edge = float(self.rest_length.mean()) if self.rest_length.numel() else self.diag
+
+    # ---- linear algebra -------------------------------------------------------------------
+    def laplacian(self, x: torch.Tensor) -> torch.Tensor:
+        """(L x)_i = Σ_j (x_i − x_j) over mesh neighbours j."""
+        out = self.degree[:, None] * x
+        return out.index_add(0, self.src, x[self.dst], alpha=-1.0)
+
+    def _solve(self, rhs: torch.Tensor, x0: torch.Tensor, lam: float, data: torch.Tensor,
+               damping: float) -> torch.Tensor:
+        """Solve (λ L ⊗ I3 + blockdiag(data) + ε I) x = rhs by preconditioned CG."""
+        s = self.settings
+        eye = torch.eye(3, dtype=x0.dtype, device=x0.device)
+
+        def apply(x):
+            return lam * self.laplacian(x) + torch.einsum("vab,vb->va", data, x) + damping * x
+
+        precond = _block_inverse(data + (lam * self.degree + damping)[:, None, None] * eye)
+        x = x0.clone()
+        r = rhs - apply(x)
+        z = torch.einsum("vab,vb->va", precond, r)
+        p = z.clone()
+        rz = (r * z).sum()
+        norm_b = float(rhs.norm()) or 1.0
+        for _ in range(s.cg_iterations):
+            ap = apply(p)
+            alpha = rz / (p * ap).sum().clamp(min=1e-30)
+            x = x + alpha * p
+            r = r - alpha * ap
+            if float(r.norm()) < s.cg_tolerance * norm_b:
+                break
+            z = torch.einsum("vab,vb->va", precond, r)
+            rz_new = (r * z).sum()
+            p = z + (rz_new / rz.clamp(min=1e-30)) * p
+            rz = rz_new
+        return x
+
+    # ---- one fit ----------------------------------------------------------------------------
+    def correspondences(self, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Data blocks D [V,3,3] and right-hand sides d [V,3] of the data term."""
+        s = self.settings
+        nv = x.shape[0]
+        eye = torch.eye(3, dtype=x.dtype, device=x.device)
+        normals = vertex_normals(x, self.faces)
+        max_d = s.max_distance * self.diag
+
+        # forward: every vertex to its nearest target sample
+        j, d = target.grid.query(x)
+        n_t = target.normals[j]
+        p = target.points[j]
+        ok = ((normals * n_t).sum(1) > s.normal_cos) & (d < max_d)
+        scale = torch.quantile(d[ok], 0.5) * 3.0 + target.spacing if ok.any() else torch.tensor(max_d)
+        c = ok.to(x.dtype) / (1.0 + (d / scale) ** 2)
+        block = n_t[:, :, None] * n_t[:, None, :] + s.point_weight * eye
+        data = c[:, None, None] * block
+        rhs = torch.einsum("vab,vb->va", data, p)
+
+        # reverse: every target sample to its nearest vertex (pulls the mesh into parts it misses)
+        if s.reverse_weight > 0:
+            src_grid = PointGrid(x, cell=2.5 * self.mean_edge)
+            i, d_r = src_grid.query(target.points)
+            ok_r = ((normals[i] * target.normals).sum(1) > s.normal_cos) & (d_r < max_d)
+            w = s.reverse_weight * nv / max(target.points.shape[0], 1)
+            c_r = w * ok_r.to(x.dtype) / (1.0 + (d_r / scale) ** 2)
+            m = target.normals
+            block_r = c_r[:, None, None] * (m[:, :, None] * m[:, None, :] + s.point_weight * eye)
+            data = data.index_add(0, i, block_r)
+            rhs = rhs.index_add(0, i, torch.einsum("kab,kb->ka", block_r, target.points))
+        stats = {"matched": float(ok.float().mean())}
+        return data, rhs, stats
+
+    def fit(self, x: torch.Tensor, target: Target, stiffness: Optional[tuple] = None,
+            iterations: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+        """Fit from start positions x [V, 3]; returns the new positions and a few statistics."""
+        s = self.settings
+        stiffness = stiffness or s.stiffness
+        iterations = iterations or s.iterations
+        stats = {}
+        for it in range(iterations):
+            lam_r = float(stiffness[min(it, len(stiffness) - 1)])
+            lam_e = lam_r * s.edge_weight
+            data, rhs_data, stats = self.correspondences(x, target)
+            # local step: rotations and edge directions
+            cur_edge = x[self.src] - x[self.dst]
+            cov = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype, device=x.device)
+            cov = cov.index_add(0, self.src, self.rest_edge[:, :, None] * cur_edge[:, None, :])
+            rot = _rotations(cov)
+            rot_edge = 0.5 * torch.einsum("eab,eb->ea", rot[self.src] + rot[self.dst], self.rest_edge)
+            dir_edge = torch.nn.functional.normalize(cur_edge, dim=1, eps=1e-20) * self.rest_length[:, None]
+            target_edge = (lam_r * rot_edge + lam_e * dir_edge) / (lam_r + lam_e)
+            rhs_rigid = torch.zeros_like(x).index_add(0, self.src, target_edge)
+            lam = lam_r + lam_e
+            damping = s.damping * lam
+            rhs = lam * rhs_rigid + rhs_data + damping * x
+            x_new = self._solve(rhs, x, lam, data, damping)
+            if not torch.isfinite(x_new).all():
+                stats["diverged"] = True
+                break
+            step = float((x_new - x).norm(dim=1).max())
+            x = x_new
+            stats["iterations"] = it + 1
+            if it >= len(stiffness) - 1 and step < s.converge * self.diag:
+                break
+        self.last_rotations = None
+        return x, stats

@@ -1,0 +1,133 @@
+"""Nearest-neighbour search on point sets in pure torch (CPU, CUDA, MPS), no scipy.
+
+`PointGrid` bins the points into a uniform grid (cells sorted by a linear key, located with
+`searchsorted`, so empty space costs nothing). A query looks at the 2x2x2 block of cells around
+it, which is guaranteed to hold the true nearest point when that point is closer than half a cell.
+Queries that are further away go to a grid with 4x larger cells, then to chunked brute force,
+so the answer is always the exact nearest neighbour (up to cells holding more points than
+`max_per_cell`, where the excess is ignored; the cell size is chosen so that this is rare).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+_CORNERS = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=torch.int64)
+
+
+class _Level:
+    """One uniform grid over the points: cells sorted by key, start/count per occupied cell."""
+
+    def __init__(self, points: torch.Tensor, origin: torch.Tensor, cell: float, max_per_cell: int):
+        self.cell = float(cell)
+        self.origin = origin
+        ijk = torch.floor((points - origin) / self.cell).long()
+        self.dims = (ijk.max(0).values + 2).clamp(min=1)
+        key = self._key(ijk)
+        key_sorted, order = torch.sort(key)
+        self.order = order
+        self.points = points[order]
+        self.keys, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+        self.starts = torch.cumsum(counts, 0) - counts
+        self.counts = counts
+        self.cap = int(min(int(counts.max()), max_per_cell))
+
+    def _key(self, ijk: torch.Tensor) -> torch.Tensor:
+        d = self.dims
+        return (ijk[..., 0] * d[1] + ijk[..., 1]) * d[2] + ijk[..., 2]
+
+    def query(self, q: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest point (index into the original points, squared distance) or (-1, inf) when
+        the result cannot be guaranteed (nearest further than half a cell)."""
+        idx_out = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
+        d2_out = torch.full((q.shape[0],), float("inf"), dtype=q.dtype, device=q.device)
+        corners = _CORNERS.to(q.device)
+        lane = torch.arange(self.cap, device=q.device)
+        half2 = (0.5 * self.cell) ** 2
+        for s in range(0, q.shape[0], chunk):
+            qc = q[s:s + chunk]
+            u = (qc - self.origin) / self.cell
+            base = torch.floor(u - 0.5).long()
+            cells = base[:, None, :] + corners[None]                      # [m, 8, 3]
+            inside = ((cells >= 0) & (cells < self.dims)).all(-1)
+            key = self._key(cells.clamp(min=0))
+            pos = torch.searchsorted(self.keys, key).clamp(max=self.keys.shape[0] - 1)
+            hit = inside & (self.keys[pos] == key)
+            start = self.starts[pos]
+            count = torch.where(hit, self.counts[pos].clamp(max=self.cap), torch.zeros_like(pos))
+            cand = start[..., None] + lane                                  # [m, 8, cap]
+            valid = lane < count[..., None]
+            cand = torch.where(valid, cand, torch.zeros_like(cand)).reshape(qc.shape[0], -1)
+            valid = valid.reshape(qc.shape[0], -1)
+            diff = self.points[cand] - qc[:, None, :]
+            d2 = (diff * diff).sum(-1).masked_fill(~valid, float("inf"))
+            best_d2, best = d2.min(1)
+            ok = best_d2 <= half2
+            best_idx = self.order[cand.gather(1, best[:, None])[:, 0]]
+            idx_out[s:s + chunk] = torch.where(ok, best_idx, torch.full_like(best_idx, -1))
+            d2_out[s:s + chunk] = torch.where(ok, best_d2, torch.full_like(best_d2, float("inf")))
+        return idx_out, d2_out
+
+
+class PointGrid:
+    """Exact nearest-neighbour queries against a fixed point set.
+
+    points: [N, 3] float tensor. cell: grid cell size (default: about twice the mean spacing of
+    a surface sampled by N points).
+    """
+
+    def __init__(self, points: torch.Tensor, cell: Optional[float] = None, max_per_cell: int = 48,
+                 chunk: int = 8192):
+        if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] == 0:
+            raise ValueError("PointGrid needs a non-empty [N, 3] point set")
+        self.points = points
+        self.chunk = chunk
+        lo = points.min(0).values
+        hi = points.max(0).values
+        diag = float((hi - lo).norm()) or 1.0
+        if cell is None:
+            cell = 2.0 * diag / math.sqrt(points.shape[0])
+        cell = max(float(cell), diag * 1e-6)
+        origin = lo - 2.0 * cell
+        self.levels = [_Level(points, origin, cell, max_per_cell)]
+        coarse = cell * 4.0
+        if coarse < diag:
+            self.levels.append(_Level(points, origin - 2.0 * coarse, coarse, 4 * max_per_cell))
+
+    def query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [M, 3] -> (index [M] long, distance [M]) of the nearest point."""
+        idx = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
+        d2 = torch.full((q.shape[0],), float("inf"), dtype=q.dtype, device=q.device)
+        todo = torch.arange(q.shape[0], device=q.device)
+        for level in self.levels:
+            if todo.numel() == 0:
+                break
+            i, d = level.query(q[todo], self.chunk)
+            found = i >= 0
+            idx[todo[found]] = i[found]
+            d2[todo[found]] = d[found]
+            todo = todo[~found]
+        if todo.numel():
+            i, d = brute_force_nearest(q[todo], self.points)
+            idx[todo] = i
+            d2[todo] = d
+        return idx, d2.clamp(min=0).sqrt()
+
+
+def brute_force_nearest(q: torch.Tensor, points: torch.Tensor, budget: int = 2 ** 24
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest neighbour by chunked squared distances. Returns (index, squared distance)."""
+    chunk = max(1, budget // max(points.shape[0], 1))
+    idx, d2 = [], []
+    pn = (points * points).sum(1)
+    for s in range(0, q.shape[0], chunk):
+        qc = q[s:s + chunk]
+        dd = (qc * qc).sum(1)[:, None] - 2.0 * qc @ points.T + pn[None]
+        m, i = dd.min(1)
+        # refine the winner exactly (the expanded form loses precision far from the origin)
+        diff = points[i] - qc
+        idx.append(i)
+        d2.append((diff * diff).sum(1))
+    return torch.cat(idx), torch.cat(d2)

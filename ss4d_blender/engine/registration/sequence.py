@@ -1,0 +1,197 @@
+"""One mesh through all frames: register the reference frame's mesh to every other frame.
+
+Order of work:
+1. pick the reference frame (the most complete surface: largest closed area) unless given;
+2. simplify it to the target vertex count;
+3. fit it to the neighbouring frames outward from the reference in both directions, each frame
+   warm-started from its neighbour's result (coarse graph first, then every vertex);
+4. optionally smooth the vertex trajectories over time;
+5. measure the fit error of every frame (mean distance to that frame's surface) and flag bad ones.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..progress import Progress
+from ..types import AnimatedMesh, GaussianSet, Mesh
+from .deform import Deformer, FitSettings, Target
+from .geometry import SurfaceDistance, face_normals
+from .knn import PointGrid
+from .simplify import simplify_to_vertices
+
+SH_C0 = 0.28209479177387814
+BAD_FRAME_FRACTION = 0.01      # fit error above 1% of the bounding-box diagonal flags a frame
+
+
+def resolve_device(device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _validate(meshes: Sequence[Mesh]) -> list[bool]:
+    if len(meshes) == 0:
+        raise InputError("Registration needs at least one frame, got none.")
+    usable = []
+    for t, m in enumerate(meshes):
+        v, f = np.asarray(m.vertices), np.asarray(m.faces)
+        if v.ndim != 2 or v.shape[-1] != 3 or f.ndim != 2 or f.shape[-1] != 3:
+            raise InputError(f"Frame {t}: mesh arrays have the wrong shape (vertices {v.shape}, "
+                             f"faces {f.shape}); expected [n, 3] and [m, 3].")
+        ok = v.shape[0] >= 3 and f.shape[0] >= 1 and bool(np.isfinite(v).all())
+        if ok and (f.min() < 0 or f.max() >= v.shape[0]):
+            raise InputError(f"Frame {t}: face indices point outside the vertex list.")
+        usable.append(ok)
+    if not any(usable):
+        raise InputError("No frame has a usable mesh (all are empty or contain NaN).")
+    return usable
+
+
+def _completeness(mesh: Mesh) -> float:
+    """Surface area with open boundaries penalised: area × (1 − boundary-edge share)."""
+    v = np.asarray(mesh.vertices, np.float64)
+    f = np.asarray(mesh.faces, np.int64)
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    _, counts = np.unique(e, axis=0, return_counts=True)
+    boundary = float((counts == 1).sum()) / max(len(counts), 1)
+    return float(area) * (1.0 - boundary)
+
+
+def choose_reference_frame(meshes: Sequence[Mesh], usable: Optional[list[bool]] = None) -> int:
+    usable = usable or [True] * len(meshes)
+    scores = [(_completeness(m) if ok else -1.0) for m, ok in zip(meshes, usable)]
+    return int(np.argmax(scores))
+
+
+def _gaussian_colors(g: GaussianSet) -> tuple[np.ndarray, np.ndarray]:
+    rgb = np.clip(0.5 + SH_C0 * np.asarray(g.features_dc, np.float32).reshape(-1, 3), 0.0, 1.0)
+    return np.asarray(g.xyz, np.float32), rgb
+
+
+def smooth_trajectories(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Minimise |y − x|² + strength · |second time difference of y|² per vertex ([T, V, 3])."""
+    t = x.shape[0]
+    if strength <= 0 or t < 3:
+        return x
+    d = torch.zeros(t - 2, t, dtype=torch.float64)
+    idx = torch.arange(t - 2)
+    d[idx, idx], d[idx, idx + 1], d[idx, idx + 2] = 1.0, -2.0, 1.0
+    a = torch.eye(t, dtype=torch.float64) + strength * d.T @ d
+    flat = x.reshape(t, -1).to("cpu", torch.float64)
+    return torch.linalg.solve(a, flat).reshape(x.shape).to(x.device, x.dtype)
+
+
+def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = None,
+                      target_vertices: int = 20000, temporal_smoothing: float = 0.0,
+                      progress: Optional[Progress] = None, device="cpu",
+                      gaussians: Optional[list[GaussianSet]] = None,
+                      settings: Optional[FitSettings] = None, seed: int = 0) -> AnimatedMesh:
+    """Register per-frame meshes (any vertex counts/topologies) into one animated mesh.
+
+    meshes: per-frame `Mesh` (vertices [n_t,3], faces [m_t,3], optional colours).
+    reference_frame: frame whose surface gives the topology; None = the most complete surface.
+    target_vertices: the reference mesh is simplified to about this many vertices.
+    temporal_smoothing: 0 = off; larger values smooth vertex trajectories over time (≈ frames²).
+    gaussians: optional per-frame Gaussians, used for colours when the meshes have none.
+    Returns AnimatedMesh(faces [F,3], vertices [T,V,3], colors [V,3]|None, fit_error [T],
+    reference_frame, info) where info holds bad_frames, bad_frame_threshold, per-frame stats.
+    Frames without a usable mesh copy their neighbour's shape and get fit_error = inf (flagged).
+    """
+    started = time.perf_counter()
+    usable = _validate(meshes)
+    num_frames = len(meshes)
+    if reference_frame is None:
+        reference_frame = choose_reference_frame(meshes, usable)
+    if not (0 <= reference_frame < num_frames):
+        raise InputError(f"Reference frame {reference_frame} is outside 0..{num_frames - 1}.")
+    if not usable[reference_frame]:
+        raise InputError(f"Reference frame {reference_frame} has no usable mesh; choose another.")
+    dev = resolve_device(device)
+    progress = progress or Progress()
+    progress.update("Registering", 0.0)
+
+    ref = meshes[reference_frame]
+    ref_colors = None if ref.colors is None else np.asarray(ref.colors, np.float32)
+    v0, f0, c0, method = simplify_to_vertices(np.asarray(ref.vertices, np.float32),
+                                              np.asarray(ref.faces, np.int32), int(target_vertices), ref_colors)
+    rest = torch.from_numpy(np.ascontiguousarray(v0, np.float32)).to(dev)
+    faces = torch.from_numpy(np.ascontiguousarray(f0, np.int64)).to(dev)
+    deformer = Deformer(rest, faces, settings)
+    generator = torch.Generator().manual_seed(seed)
+    samples = int(min(max(2 * rest.shape[0], 2000), 200_000))
+
+    positions: list[Optional[torch.Tensor]] = [None] * num_frames
+    stats: list[dict] = [{} for _ in range(num_frames)]
+    positions[reference_frame] = rest.clone()
+    order = [range(reference_frame + 1, num_frames), range(reference_frame - 1, -1, -1)]
+    done = 1
+    for frames in order:
+        previous, velocity = rest, None
+        for t in frames:
+            if usable[t]:
+                mesh = meshes[t]
+                tv = torch.from_numpy(np.ascontiguousarray(mesh.vertices, np.float32)).to(dev)
+                tf = torch.from_numpy(np.ascontiguousarray(mesh.faces, np.int64)).to(dev)
+                target = Target(tv, tf, samples, generator)
+                start = previous if velocity is None else previous + velocity
+                x, st = deformer.fit(start, target)
+                if st.get("diverged"):
+                    x = previous
+                positions[t] = x
+                stats[t] = st
+                velocity = x - previous
+                previous = x
+            else:
+                positions[t] = previous
+                stats[t] = {"empty": True}
+            done += 1
+            progress.update("Registering", 0.95 * done / num_frames)
+
+    x_all = torch.stack(positions)                    # [T, V, 3]
+    x_all = smooth_trajectories(x_all, float(temporal_smoothing))
+
+    # fit error per frame: mean distance from the registered vertices to that frame's surface
+    fit_error = np.full(num_frames, np.inf, np.float32)
+    for t in range(num_frames):
+        if usable[t]:
+            tv = torch.from_numpy(np.ascontiguousarray(meshes[t].vertices, np.float32)).to(dev)
+            tf = torch.from_numpy(np.ascontiguousarray(meshes[t].faces, np.int64)).to(dev)
+            fit_error[t] = float(SurfaceDistance(tv, tf)(x_all[t]).mean())
+    threshold = BAD_FRAME_FRACTION * deformer.diag
+    bad = [t for t in range(num_frames) if not fit_error[t] <= threshold]
+
+    colors = c0
+    if colors is None and gaussians is not None and gaussians[reference_frame] is not None:
+        gx, grgb = _gaussian_colors(gaussians[reference_frame])
+        if gx.shape[0]:
+            idx, _ = PointGrid(torch.from_numpy(gx)).query(torch.from_numpy(v0))
+            colors = grgb[idx.numpy()]
+
+    progress.update("Registering", 1.0)
+    info = {
+        "bad_frames": bad,
+        "bad_frame_threshold": threshold,
+        "simplification": method,
+        "reference_vertices_in": int(np.asarray(ref.vertices).shape[0]),
+        "iterations": [s.get("iterations", 0) for s in stats],
+        "matched_fraction": [s.get("matched", float("nan")) for s in stats],
+        "diverged_frames": [t for t, s in enumerate(stats) if s.get("diverged")],
+        "empty_frames": [t for t in range(num_frames) if not usable[t]],
+        "seconds": time.perf_counter() - started,
+        "device": str(dev),
+    }
+    return AnimatedMesh(faces=f0.astype(np.int32), vertices=x_all.cpu().numpy().astype(np.float32),
+                        colors=None if colors is None else np.asarray(colors, np.float32),
+                        fit_error=fit_error, reference_frame=int(reference_frame), info=info)

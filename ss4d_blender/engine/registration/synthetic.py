@@ -1,0 +1,167 @@
+"""Synthetic deforming shapes with known ground truth, for tests and the benchmark.
+
+Each frame is meshed independently (different resolution, random rotation of the
+parametrisation), so vertex counts and topology differ between frames, and the motion is an
+analytic map of the rest shape: the true position of any rest point at any frame is known.
+Shapes are built around the z axis; `rest_t` gives the rest-space position of every vertex of
+frame t, so correspondence error can be measured against `deform(rest_point, t)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+def icosphere(subdivisions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit icosphere: vertices [V,3] float64, faces [F,3] int64 (counter-clockwise outside)."""
+    t = (1.0 + 5 ** 0.5) / 2
+    v = [(-1, t, 0), (1, t, 0), (-1, -t, 0), (1, -t, 0), (0, -1, t), (0, 1, t), (0, -1, -t), (0, 1, -t),
+         (t, 0, -1), (t, 0, 1), (-t, 0, -1), (-t, 0, 1)]
+    f = [(0, 11, 5), (0, 5, 1), (0, 1, 7), (0, 7, 10), (0, 10, 11), (1, 5, 9), (5, 11, 4), (11, 10, 2),
+         (10, 7, 6), (7, 1, 8), (3, 9, 4), (3, 4, 2), (3, 2, 6), (3, 6, 8), (3, 8, 9), (4, 9, 5),
+         (2, 4, 11), (6, 2, 10), (8, 6, 7), (9, 8, 1)]
+    verts = np.array(v, float)
+    verts /= np.linalg.norm(verts, axis=1, keepdims=True)
+    faces = np.array(f, np.int64)
+    for _ in range(subdivisions):
+        e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+        key = np.sort(e, axis=1)
+        uniq, inv = np.unique(key, axis=0, return_inverse=True)
+        mid = verts[uniq[:, 0]] + verts[uniq[:, 1]]
+        mid /= np.linalg.norm(mid, axis=1, keepdims=True)
+        m = inv.reshape(3, -1).T + verts.shape[0]           # midpoints of edges 01, 12, 20
+        a, b, c = faces[:, 0], faces[:, 1], faces[:, 2]
+        faces = np.concatenate([np.stack([a, m[:, 0], m[:, 2]], 1), np.stack([b, m[:, 1], m[:, 0]], 1),
+                                np.stack([c, m[:, 2], m[:, 1]], 1), np.stack(m.T, 1)])
+        verts = np.concatenate([verts, mid])
+    return verts, faces
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q = rng.normal(size=4)
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+def capsule_mesh(radius: float, half_length: float, rings: int, around: int, rng: np.random.Generator,
+                 squash: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Capsule around z (hemispherical caps; half_length 0 gives a sphere), meshed by rings
+    evenly spaced along the profile's arc length, each ring with a random angular phase.
+    squash scales y (an elliptic cross-section makes twisting visible)."""
+    arc = math.pi * radius + 2 * half_length
+    s = (np.arange(1, rings) + rng.uniform(-0.25, 0.25, rings - 1)) * arc / rings
+    cap = 0.5 * math.pi * radius
+    rho = np.where(s < cap, radius * np.sin(s / radius),
+                   np.where(s > arc - cap, radius * np.sin((arc - s) / radius), radius))
+    z = np.where(s < cap, -half_length - radius * np.cos(s / radius),
+                 np.where(s > arc - cap, half_length + radius * np.cos((arc - s) / radius),
+                          -half_length + (s - cap)))
+    phase = rng.uniform(0, 2 * math.pi)
+    theta = phase + 2 * math.pi * np.arange(around) / around + (np.arange(rings - 1) * math.pi / around)[:, None]
+    ring_v = np.stack([rho[:, None] * np.cos(theta), rho[:, None] * np.sin(theta) * squash,
+                       np.broadcast_to(z[:, None], theta.shape)], -1).reshape(-1, 3)
+    verts = np.concatenate([[[0, 0, -half_length - radius]], ring_v, [[0, 0, half_length + radius]]])
+    top = verts.shape[0] - 1
+    faces = []
+    i = np.arange(around)
+    j = (i + 1) % around
+    faces.append(np.stack([np.zeros(around, int), 1 + j, 1 + i], 1))
+    for k in range(rings - 2):
+        a, b = 1 + k * around, 1 + (k + 1) * around
+        faces.append(np.stack([a + i, a + j, b + i], 1))
+        faces.append(np.stack([a + j, b + j, b + i], 1))
+    last = 1 + (rings - 2) * around
+    faces.append(np.stack([np.full(around, top), last + i, last + j], 1))
+    return verts, np.concatenate(faces).astype(np.int64)
+
+
+# ---- analytic motions (rest points [n,3] -> deformed [n,3], phase u in [0, 1]) --------------
+
+def bend(points: np.ndarray, angle: float, start: float, end: float) -> np.ndarray:
+    """Bend towards +x over z in [start, end] (circular arc), rigid above, identity below."""
+    x, y, z = points[:, 0], points[:, 1], points[:, 2]
+    if abs(angle) < 1e-9:
+        return points.copy()
+    k = angle / (end - start)
+    r = 1.0 / k
+    zc = np.clip(z, start, end)
+    th = k * (zc - start)
+    over = np.maximum(z - end, 0.0)
+    nx = r - (r - x) * np.cos(th) + over * np.sin(th)
+    nz = start + (r - x) * np.sin(th) + over * np.cos(th)
+    below = z < start
+    nx = np.where(below, x, nx)
+    nz = np.where(below, z, nz)
+    return np.stack([nx, y, nz], 1)
+
+
+def twist(points: np.ndarray, angle: float, z0: float, z1: float) -> np.ndarray:
+    th = angle * (points[:, 2] - z0) / (z1 - z0)
+    c, s = np.cos(th), np.sin(th)
+    x, y = points[:, 0], points[:, 1]
+    return np.stack([c * x - s * y, s * x + c * y, points[:, 2]], 1)
+
+
+def wave(points: np.ndarray, amplitude: float, wavelength: float, shift: float) -> np.ndarray:
+    """Sideways travelling wave along z (a snake-like motion)."""
+    out = points.copy()
+    out[:, 0] += amplitude * np.sin(2 * math.pi * (points[:, 2] / wavelength - shift))
+    return out
+
+
+@dataclass
+class SyntheticSequence:
+    vertices: list          # per frame float32 [n_t, 3]
+    faces: list             # per frame int32 [m_t, 3]
+    rest: list              # per frame float64 [n_t, 3] rest-space position of each vertex
+    deform: Callable        # deform(rest_points [n,3], frame) -> [n,3]
+    diagonal: float         # bounding-box diagonal over the whole sequence
+
+
+def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 0) -> SyntheticSequence:
+    """kind: 'sphere_bend', 'capsule_bend', 'capsule_twist', 'capsule_wave', 'cylinder_bend90'.
+    resolution scales the per-frame vertex count (1 -> roughly 1.5k-2.5k vertices)."""
+    rng = np.random.default_rng(seed)
+    r, h, squash = 0.5, 1.0, 0.7
+    if kind == "sphere_bend":
+        r, h, squash = 1.0, 0.0, 1.0
+        motion = lambda p, u: bend(p, 0.6 * math.sin(math.pi * u), -0.5, 0.5)
+    elif kind == "capsule_bend":
+        motion = lambda p, u: bend(p, 1.2 * u, -0.6, 0.6)
+    elif kind == "capsule_twist":
+        motion = lambda p, u: twist(p, math.pi * 0.75 * u, -1.5, 1.5)
+    elif kind == "capsule_wave":
+        motion = lambda p, u: wave(p, 0.25, 2.0, 1.5 * u)
+    elif kind == "cylinder_bend90":
+        r, h, squash = 0.2, 1.0, 1.0
+        motion = lambda p, u: bend(p, 0.5 * math.pi * u, -0.4, 0.4)
+    else:
+        raise ValueError(f"unknown synthetic sequence {kind!r}")
+
+    def deform(points, t):
+        return motion(points, t / max(frames - 1, 1))
+
+    verts, faces, rests = [], [], []
+    for t in range(frames):
+        if h == 0.0:
+            v, f = icosphere((3 if resolution == 1 else 4) + t % 2)
+            v = v @ random_rotation(rng).T * r
+        else:
+            around = int(rng.integers(36, 44) * resolution ** 0.5)
+            rings = int(rng.integers(44, 52) * resolution ** 0.5 * (1 + 2 * h / (math.pi * r)) / 2.3)
+            v, f = capsule_mesh(r, h, rings, around, rng, squash)
+            rot = rng.uniform(0, 2 * math.pi)
+            if squash == 1.0:     # axisymmetric: any rotation about z is the same surface
+                c, s = math.cos(rot), math.sin(rot)
+                v = v @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T
+        rests.append(v)
+        verts.append(deform(v, t).astype(np.float32))
+        faces.append(f.astype(np.int32))
+    allv = np.concatenate(verts)
+    diag = float(np.linalg.norm(allv.max(0) - allv.min(0)))
+    return SyntheticSequence(verts, faces, rests, deform, diag)
