@@ -18,7 +18,7 @@ each other:
 
 Parameter names follow the official checkpoints: ``to_qkv`` (self / temporal) or ``to_q`` + ``to_kv``
 (cross), ``to_out``, and with ``qk_rms_norm`` ``q_rms_norm.gamma`` / ``k_rms_norm.gamma`` ``[H, D]``.
-All attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (via engine.sparse).
+All attention goes through ``torch.nn.functional.scaled_dot_product_attention``.
 """
 from __future__ import annotations
 
@@ -26,15 +26,9 @@ from typing import Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..sparse import (
-    SparseTensor,
-    sparse_cross_attention,
-    sparse_frame_attention,
-    sparse_clip_attention,
-    sparse_window_attention,
-    sparse_cross_frame_window_attention,
-)
+from ..sparse import SparseTensor
 from .layers import MultiHeadRMSNorm, RotaryPositionEmbedder
 
 AttentionType = Literal["self", "temporal", "cross"]
@@ -149,7 +143,7 @@ class SparseMultiHeadAttention(nn.Module):
             q = self.to_q(x.feats).reshape(-1, self.num_heads, self.head_dim)
             k, v = self._split_heads(self.to_kv(context), 2)  # [B, L, H, D]
             q, k = self._normalize_qk(q, k)
-            out = sparse_cross_attention(x.replace(q), k, v).feats
+            out = context_attention(q, x.coords[:, 0], k, v)
         else:
             q, k, v = self._split_heads(self.to_qkv(x.feats), 3)  # [N, H, D]
             if self.type == "temporal":
@@ -163,13 +157,114 @@ class SparseMultiHeadAttention(nn.Module):
 
     def _attend(self, x: SparseTensor, q, k, v, num_frames: Optional[int]) -> torch.Tensor:
         """q, k, v [N, H, D] of the voxels of x -> attention output [N, H, D]."""
-        qkv = x.replace(torch.stack([q, k, v], dim=1))  # [N, 3, H, D]
         if self.type == "self" and self.attn_mode == "full":
-            out = sparse_frame_attention(qkv)
+            group = frame_groups(x.coords)
         elif self.type == "self":
-            out = sparse_window_attention(qkv, self.window_size, self.shift_window)
+            group = window_groups(x.coords, self.window_size, self.shift_window)
         elif self.attn_mode == "full":
-            out = sparse_clip_attention(qkv, num_frames)
+            group = clip_groups(x.coords, num_frames)
         else:
-            out = sparse_cross_frame_window_attention(qkv, num_frames, self.window_size, self.shift_window)
-        return out.feats
+            group = cross_frame_window_groups(x.coords, num_frames, self.window_size, self.shift_window)
+        return grouped_attention(q, k, v, group)
+
+# ------------------------------------------------------------------------------------------------------
+# Attention kernels over groups of voxels.
+# TODO(lead): move to engine/sparse/ (sparse-core) -- written here because engine.sparse had no
+# attention functions yet when this module was needed.
+# ------------------------------------------------------------------------------------------------------
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Attention among the rows that share a group id.
+
+    Args:
+        q, k, v: ``[N, H, D]``.
+        group: ``[N]`` int group id of each row (any order, any values).
+    Returns:
+        ``[N, H, D]`` in the row order of q.
+    """
+    order = torch.argsort(group, stable=True)
+    _, counts = torch.unique_consecutive(group[order], return_counts=True)
+    q, k, v = q[order], k[order], v[order]
+    num_groups, longest = counts.numel(), int(counts.max())
+    if num_groups * longest <= 2 * q.shape[0] and num_groups > 4:
+        # many small groups (windows): one padded batch with a key mask
+        slot = torch.arange(q.shape[0], device=q.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        row = torch.repeat_interleave(torch.arange(num_groups, device=q.device), counts)
+
+        def padded(t):
+            out = t.new_zeros(num_groups, longest, *t.shape[1:])
+            out[row, slot] = t
+            return out.transpose(1, 2)  # [G, H, Lmax, D]
+
+        valid = torch.zeros(num_groups, longest, dtype=torch.bool, device=q.device)
+        valid[row, slot] = True
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=valid[:, None, None, :])
+        out = out.transpose(1, 2)[row, slot]
+    else:
+        # few large groups (frames, clips): one unmasked call per group
+        out = torch.cat([
+            F.scaled_dot_product_attention(qg.transpose(0, 1), kg.transpose(0, 1), vg.transpose(0, 1)).transpose(0, 1)
+            for qg, kg, vg in zip(q.split(counts.tolist()), k.split(counts.tolist()), v.split(counts.tolist()))
+        ])
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
+
+
+def context_attention(q: torch.Tensor, batch: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Each voxel attends to the dense tokens of its own batch entry.
+
+    Args:
+        q: ``[N, H, D]`` voxel queries; batch: ``[N]`` their batch index.
+        k, v: ``[B, L, H, D]`` context keys / values.
+    Returns:
+        ``[N, H, D]``.
+    """
+    batch = batch.long()
+    counts = torch.bincount(batch, minlength=k.shape[0])
+    order = torch.argsort(batch, stable=True)
+    slot = torch.arange(q.shape[0], device=q.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rows = batch[order]
+    padded = q.new_zeros(k.shape[0], int(counts.max()), *q.shape[1:])
+    padded[rows, slot] = q[order]
+    out = F.scaled_dot_product_attention(padded.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    result = torch.empty_like(q)
+    result[order] = out[rows, slot]
+    return result
+
+
+def _per_axis(value: Union[int, Tuple[int, ...]]) -> Tuple[int, int, int]:
+    return (value,) * 3 if isinstance(value, int) else tuple(value)
+
+
+def _group_ids(keys: torch.Tensor) -> torch.Tensor:
+    """[N, K] integer keys -> [N] dense group id (rows with equal keys share an id)."""
+    return torch.unique(keys, dim=0, return_inverse=True)[1]
+
+
+def frame_groups(coords: torch.Tensor) -> torch.Tensor:
+    """One group per batch entry (frame)."""
+    return coords[:, 0].long()
+
+
+def clip_groups(coords: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """One group per clip: all frames ``clip * num_frames + f`` together."""
+    return coords[:, 0].long() // num_frames
+
+
+def window_groups(coords: torch.Tensor, window_size, shift_window) -> torch.Tensor:
+    """Swin windows inside each frame: voxels with equal ``(b, (xyz + shift) // window)``."""
+    shift = torch.tensor(_per_axis(shift_window), device=coords.device)
+    size = torch.tensor(_per_axis(window_size), device=coords.device)
+    cells = (coords[:, 1:].long() + shift) // size
+    return _group_ids(torch.cat([coords[:, :1].long(), cells], dim=1))
+
+
+def cross_frame_window_groups(coords: torch.Tensor, num_frames: int, window_size, shift_window) -> torch.Tensor:
+    """Spatio-temporal windows as the SS4D reference forms them: the frame axis (the batch index, shifted
+    by ``shift[0]`` and cut every ``window[0]`` entries, offset by the clip index so that clips never
+    share a window) times the swin cells of x, y, z."""
+    shift, size = _per_axis(shift_window), _per_axis(window_size)
+    batch = coords[:, :1].long()
+    time_cell = (batch + shift[0]) // size[0] + batch // num_frames
+    cells = (coords[:, 1:].long() + torch.tensor(shift, device=coords.device)) // torch.tensor(size, device=coords.device)
+    return _group_ids(torch.cat([time_cell, cells], dim=1))
