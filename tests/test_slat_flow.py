@@ -172,3 +172,12 @@ def test_temporal_attention_spans_the_clip_with_rope_t():
         keep = c[:, 0] != 3
         y = SparseTensor(x.feats[keep], c[keep])
         assert not torch.allclose(attn(y, num_frames=4).feats, out[keep], atol=1e-4)
+
+
+def test_large_groups_split_queries_exactly(monkeypatch):
+    import ss4d_blender.engine.nn.sparse_attention as sa
+    monkeypatch.setattr(sa, "SCORE_ELEMENTS_OFF_CUDA", 2 * 50 * 7)  # forces query chunks of 7 rows
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(100, 2, 8, generator=g) for _ in range(3))
+    group = (torch.arange(100) >= 50).long()
+    torch.testing.assert_close(grouped_attention(q, k, v, group), _dense_grouped(q, k, v, group), atol=1e-5, rtol=1e-5)

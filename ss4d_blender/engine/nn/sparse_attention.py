@@ -200,14 +200,29 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=valid[:, None, None, :])
         out = out.transpose(1, 2)[row, slot]
     else:
-        # few large groups (frames, clips): one unmasked call per group
+        # few large groups (frames, clips): unmasked calls per group
         out = torch.cat([
-            F.scaled_dot_product_attention(qg.transpose(0, 1), kg.transpose(0, 1), vg.transpose(0, 1)).transpose(0, 1)
+            _unmasked_attention(qg, kg, vg)
             for qg, kg, vg in zip(q.split(counts.tolist()), k.split(counts.tolist()), v.split(counts.tolist()))
         ])
     result = torch.empty_like(out)
     result[order] = out
     return result
+
+
+# Off CUDA, SDPA materialises the [H, Lq, Lk] score matrix: bound it by splitting the queries (exact).
+SCORE_ELEMENTS_OFF_CUDA = 1 << 27
+
+
+def _unmasked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """All of q ``[Lq, H, D]`` attend to all of k, v ``[Lk, H, D]`` -> ``[Lq, H, D]``."""
+    k, v = k.transpose(0, 1), v.transpose(0, 1)
+    chunk = q.shape[0]
+    if q.device.type != "cuda":
+        chunk = max(1, SCORE_ELEMENTS_OFF_CUDA // max(1, k.shape[0] * k.shape[1]))
+    return torch.cat([
+        F.scaled_dot_product_attention(qc.transpose(0, 1), k, v).transpose(0, 1) for qc in q.split(chunk)
+    ])
 
 
 def context_attention(q: torch.Tensor, batch: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
