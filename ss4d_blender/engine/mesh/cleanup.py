@@ -342,17 +342,33 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
             break
 
         # pick collapses with disjoint patches: an edge wins if no face around its endpoints
-        # touches a cheaper valid edge
-        rank = np.where(valid, np.arange(k), k)
-        vrank = np.full(nv, k)
-        np.minimum.at(vrank, u, rank)
-        np.minimum.at(vrank, w, rank)
-        frank = vrank[f].min(1)
-        patch_min = np.full(nv, k)
-        for corner in range(3):
-            np.minimum.at(patch_min, f[:, corner], frank)
-        win = valid & (patch_min[u] == rank) & (patch_min[w] == rank)
-        chosen = np.nonzero(win)[0][:needed]
+        # touches a cheaper eligible edge; a few passes, each excluding the patches taken so far
+        chosen = np.zeros(k, dtype=bool)
+        eligible = valid.copy()
+        for _pass in range(4):
+            rank = np.where(eligible, np.arange(k), k)
+            vrank = np.full(nv, k)
+            np.minimum.at(vrank, u, rank)
+            np.minimum.at(vrank, w, rank)
+            frank = vrank[f].min(1)
+            patch_min = np.full(nv, k)
+            for corner in range(3):
+                np.minimum.at(patch_min, f[:, corner], frank)
+            win = eligible & (patch_min[u] == rank) & (patch_min[w] == rank)
+            if not win.any():
+                break
+            chosen |= win
+            # faces in the winners' patches are taken; edges touching them are no longer eligible
+            taken_vertex = np.zeros(nv, dtype=bool)
+            taken_vertex[u[win]] = True
+            taken_vertex[w[win]] = True
+            taken_face = taken_vertex[f].any(1)
+            near_taken = np.zeros(nv, dtype=bool)
+            near_taken[f[taken_face].reshape(-1)] = True
+            eligible &= ~(near_taken[u] | near_taken[w])
+            if chosen.sum() >= needed or not eligible.any():
+                break
+        chosen = np.nonzero(chosen)[0][:needed]
         if len(chosen) == 0:
             break
         cu, cw = u[chosen], w[chosen]
