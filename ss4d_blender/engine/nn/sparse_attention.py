@@ -167,6 +167,7 @@ class SparseMultiHeadAttention(nn.Module):
             group = cross_frame_window_groups(x.coords, num_frames, self.window_size, self.shift_window)
         return grouped_attention(q, k, v, group)
 
+
 # ------------------------------------------------------------------------------------------------------
 # Attention kernels over groups of voxels.
 # TODO(lead): move to engine/sparse/ (sparse-core) -- written here because engine.sparse had no
