@@ -20,12 +20,14 @@ stiffness annealed from high to low.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .geometry import face_areas, sample_surface, unique_edges, vertex_normals
+from .graph import DeformationGraph
 from .knn import PointGrid
 
 
@@ -39,9 +41,14 @@ class FitSettings:
     normal_cos: float = 0.3                         # reject pairs whose normals disagree more
     max_distance: float = 0.1                       # reject pairs further than this × diagonal
     damping: float = 1e-3
-    cg_iterations: int = 40
+    cg_iterations: int = 25
     cg_tolerance: float = 1e-6
     converge: float = 2e-5                          # stop when no vertex moves more (× diagonal)
+    graph_nodes: int = 192                          # coarse stage: deformation-graph nodes
+    graph_iterations: int = 5                       # Gauss-Newton steps per frame
+    graph_stiffness: float = 1.0                    # graph regulariser weight (scaled by V/edges)
+    fine_stiffness: tuple = (1.0, 0.5)         # fine stage: λ_r schedule after the graph
+    fine_iterations: int = 3
 
 
 class Target:
@@ -52,7 +59,7 @@ class Target:
         self.points, self.normals = sample_surface(v, f, samples, generator)
         area = float(face_areas(v, f).sum())
         self.spacing = (area / max(self.points.shape[0], 1)) ** 0.5
-        self.grid = PointGrid(self.points, cell=2.5 * self.spacing)
+        self.grid = PointGrid(self.points, cell=2.0 * self.spacing)
 
 
 def _block_inverse(m: torch.Tensor) -> torch.Tensor:
@@ -84,14 +91,24 @@ class Deformer:
         self.rest_length = self.rest_edge.norm(dim=1)
         nv = rest.shape[0]
         self.degree = torch.bincount(self.src, minlength=nv).to(rest.dtype)
+        self.adjacency = None
+        if rest.device.type in ("cpu", "cuda"):   # sparse matmul; MPS falls back to index_add
+            with warnings.catch_warnings():           # "sparse CSR is beta" notices
+                warnings.simplefilter("ignore")
+                adj = torch.sparse_coo_tensor(torch.stack([self.src, self.dst]),
+                                              torch.ones_like(self.src, dtype=rest.dtype), (nv, nv))
+                self.adjacency = adj.coalesce().to_sparse_csr()
         lo, hi = rest.min(0).values, rest.max(0).values
         self.diag = float((hi - lo).norm()) or 1.0
         self.mean_edge = float(self.rest_length.mean()) if self.rest_length.numel() else self.diag
+        self.graph = DeformationGraph(rest, self.settings.graph_nodes)
 
     # ---- linear algebra -------------------------------------------------------------------
     def laplacian(self, x: torch.Tensor) -> torch.Tensor:
         """(L x)_i = Σ_j (x_i − x_j) over mesh neighbours j."""
         out = self.degree[:, None] * x
+        if self.adjacency is not None:
+            return out - self.adjacency @ x
         return out.index_add(0, self.src, x[self.dst], alpha=-1.0)
 
     def _solve(self, rhs: torch.Tensor, x0: torch.Tensor, lam: float, data: torch.Tensor,
@@ -133,7 +150,7 @@ class Deformer:
         max_d = s.max_distance * self.diag
 
         # forward: every vertex to its nearest target sample
-        j, d = target.grid.query(x)
+        j, d = target.grid.query(x, exact=False)
         n_t = target.normals[j]
         p = target.points[j]
         ok = ((normals * n_t).sum(1) > s.normal_cos) & (d < max_d)
@@ -145,8 +162,8 @@ class Deformer:
 
         # reverse: every target sample to its nearest vertex (pulls the mesh into parts it misses)
         if s.reverse_weight > 0:
-            src_grid = PointGrid(x, cell=2.5 * self.mean_edge)
-            i, d_r = src_grid.query(target.points)
+            src_grid = PointGrid(x, cell=1.5 * self.mean_edge)
+            i, d_r = src_grid.query(target.points, exact=False)
             ok_r = ((normals[i] * target.normals).sum(1) > s.normal_cos) & (d_r < max_d)
             w = s.reverse_weight * nv / max(target.points.shape[0], 1)
             c_r = w * ok_r.to(x.dtype) / (1.0 + (d_r / scale) ** 2)
@@ -162,7 +179,7 @@ class Deformer:
         """Fit from start positions x [V, 3]; returns the new positions and a few statistics."""
         s = self.settings
         stiffness = stiffness or s.stiffness
-        iterations = iterations or s.iterations
+        iterations = s.iterations if iterations is None else iterations
         stats = {}
         for it in range(iterations):
             lam_r = float(stiffness[min(it, len(stiffness) - 1)])
@@ -181,13 +198,36 @@ class Deformer:
             damping = s.damping * lam
             rhs = lam * rhs_rigid + rhs_data + damping * x
             x_new = self._solve(rhs, x, lam, data, damping)
-            if not torch.isfinite(x_new).all():
+            step = float((x_new - x).norm(dim=1).max()) if torch.isfinite(x_new).all() else float("inf")
+            if not step < 0.5 * self.diag:            # a jump across half the object: stop here
                 stats["diverged"] = True
                 break
-            step = float((x_new - x).norm(dim=1).max())
             x = x_new
             stats["iterations"] = it + 1
             if it >= len(stiffness) - 1 and step < s.converge * self.diag:
                 break
-        self.last_rotations = None
         return x, stats
+
+    def fit_coarse_to_fine(self, state: tuple, target: Target) -> tuple[torch.Tensor, tuple, dict]:
+        """Graph stage (Gauss-Newton on node rotations/translations, warm-started from `state`)
+        then per-vertex refinement. Returns (positions [V,3], new graph state, statistics)."""
+        s = self.settings
+        g = self.graph
+        rot, trans = state
+        stiffness = s.graph_stiffness * self.rest.shape[0] / max(g.edge_j.shape[0], 1)
+        for _ in range(s.graph_iterations):
+            x = g.apply(rot, trans)
+            data, rhs, _ = self.correspondences(x, target)
+            new_rot, new_trans = g.gauss_newton_step(rot, trans, x, data, rhs, stiffness)
+            if not (torch.isfinite(new_rot).all() and torch.isfinite(new_trans).all()):
+                break
+            step = float((g.apply(new_rot, new_trans) - x).norm(dim=1).max())
+            rot, trans = new_rot, new_trans
+            if step < s.converge * self.diag:
+                break
+        x_graph = g.apply(rot, trans)
+        x, stats = self.fit(x_graph, target, s.fine_stiffness, s.fine_iterations)
+        if stats.get("diverged"):
+            x = x_graph
+        stats["diverged"] = not bool(torch.isfinite(x).all())
+        return x, (rot, trans), stats

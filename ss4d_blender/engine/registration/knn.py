@@ -38,14 +38,15 @@ class _Level:
         d = self.dims
         return (ijk[..., 0] * d[1] + ijk[..., 1]) * d[2] + ijk[..., 2]
 
-    def query(self, q: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, q: torch.Tensor, chunk: int, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest point (index into the original points, squared distance) or (-1, inf) when
-        the result cannot be guaranteed (nearest further than half a cell)."""
+        the result cannot be guaranteed (nearest further than half a cell; with exact=False
+        any point found in the 2x2x2 block is accepted)."""
         idx_out = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
         d2_out = torch.full((q.shape[0],), float("inf"), dtype=q.dtype, device=q.device)
         corners = _CORNERS.to(q.device)
         lane = torch.arange(self.cap, device=q.device)
-        half2 = (0.5 * self.cell) ** 2
+        half2 = (0.5 * self.cell) ** 2 if exact else float("inf")
         for s in range(0, q.shape[0], chunk):
             qc = q[s:s + chunk]
             u = (qc - self.origin) / self.cell
@@ -64,7 +65,7 @@ class _Level:
             diff = self.points[cand] - qc[:, None, :]
             d2 = (diff * diff).sum(-1).masked_fill(~valid, float("inf"))
             best_d2, best = d2.min(1)
-            ok = best_d2 <= half2
+            ok = torch.isfinite(best_d2) & (best_d2 <= half2)
             best_idx = self.order[cand.gather(1, best[:, None])[:, 0]]
             idx_out[s:s + chunk] = torch.where(ok, best_idx, torch.full_like(best_idx, -1))
             d2_out[s:s + chunk] = torch.where(ok, best_d2, torch.full_like(best_d2, float("inf")))
@@ -78,7 +79,7 @@ class PointGrid:
     a surface sampled by N points).
     """
 
-    def __init__(self, points: torch.Tensor, cell: Optional[float] = None, max_per_cell: int = 48,
+    def __init__(self, points: torch.Tensor, cell: Optional[float] = None, max_per_cell: int = 24,
                  chunk: int = 8192):
         if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] == 0:
             raise ValueError("PointGrid needs a non-empty [N, 3] point set")
@@ -92,19 +93,21 @@ class PointGrid:
         cell = max(float(cell), diag * 1e-6)
         origin = lo - 2.0 * cell
         self.levels = [_Level(points, origin, cell, max_per_cell)]
-        coarse = cell * 4.0
+        coarse = cell * 3.0
         if coarse < diag:
-            self.levels.append(_Level(points, origin - 2.0 * coarse, coarse, 4 * max_per_cell))
+            self.levels.append(_Level(points, origin - 2.0 * coarse, coarse, 6 * max_per_cell))
 
-    def query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [M, 3] -> (index [M] long, distance [M]) of the nearest point."""
+    def query(self, q: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [M, 3] -> (index [M] long, distance [M]) of the nearest point. exact=False accepts
+        a point from the 2x2x2 cell block around the query (nearest in that block), which is the
+        nearest overall except in rare cases; used for fitting correspondences."""
         idx = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
         d2 = torch.full((q.shape[0],), float("inf"), dtype=q.dtype, device=q.device)
         todo = torch.arange(q.shape[0], device=q.device)
         for level in self.levels:
             if todo.numel() == 0:
                 break
-            i, d = level.query(q[todo], self.chunk)
+            i, d = level.query(q[todo], self.chunk, exact)
             found = i >= 0
             idx[todo[found]] = i[found]
             d2[todo[found]] = d[found]

@@ -138,20 +138,20 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
     order = [range(reference_frame + 1, num_frames), range(reference_frame - 1, -1, -1)]
     done = 1
     for frames in order:
-        previous, velocity = rest, None
+        previous, state, prev_state = rest, deformer.graph.identity_state(), None
         for t in frames:
             if usable[t]:
                 mesh = meshes[t]
                 tv = torch.from_numpy(np.ascontiguousarray(mesh.vertices, np.float32)).to(dev)
                 tf = torch.from_numpy(np.ascontiguousarray(mesh.faces, np.int64)).to(dev)
                 target = Target(tv, tf, samples, generator)
-                start = previous if velocity is None else previous + velocity
-                x, st = deformer.fit(start, target)
+                x, new_state, st = deformer.fit_coarse_to_fine(state, target)
                 if st.get("diverged"):
                     x = previous
+                else:
+                    prev_state, state = state, new_state
                 positions[t] = x
                 stats[t] = st
-                velocity = x - previous
                 previous = x
             else:
                 positions[t] = previous

@@ -134,7 +134,7 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     elif kind == "capsule_bend":
         motion = lambda p, u: bend(p, 1.2 * u, -0.6, 0.6)
     elif kind == "capsule_twist":
-        motion = lambda p, u: twist(p, math.pi * 0.75 * u, -1.5, 1.5)
+        motion = lambda p, u: twist(p, math.pi * 0.5 * u, -1.5, 1.5)
     elif kind == "capsule_wave":
         motion = lambda p, u: wave(p, 0.25, 2.0, 1.5 * u)
     elif kind == "cylinder_bend90":

@@ -1,0 +1,143 @@
+"""Embedded deformation graph: the coarse stage of the fit.
+
+A few hundred nodes g_k (farthest-point samples of the rest mesh) each carry a rotation R_k and
+a translation t_k. Every vertex follows its K nearest nodes with smooth weights w_ik:
+
+    x_i = Σ_k w_ik [ R_k (v_i − g_k) + g_k + t_k ]
+
+Nodes that influence a common vertex are neighbours; the regulariser asks neighbours to agree,
+    Σ_(j,k) | R_j (g_k − g_j) + g_j + t_j − (g_k + t_k) |²,
+so the graph bends like a chain of rigid pieces. Rotations are explicit parameters, so large
+rotations (a limb bending 90°) are reached in a few Gauss-Newton steps, where vertex-level
+local/global iterations only creep. The data term is the same per-vertex quadratic (blocks D_i,
+right-hand sides d_i) as the fine stage, so both stages see the same correspondences.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def farthest_point_sampling(points: torch.Tensor, count: int) -> torch.Tensor:
+    count = min(count, points.shape[0])
+    chosen = torch.zeros(count, dtype=torch.long, device=points.device)
+    dist = torch.full((points.shape[0],), float("inf"), dtype=points.dtype, device=points.device)
+    centre = points.mean(0)
+    chosen[0] = int(((points - centre) ** 2).sum(1).argmax())
+    for i in range(1, count):
+        dist = torch.minimum(dist, ((points - points[chosen[i - 1]]) ** 2).sum(1))
+        chosen[i] = int(dist.argmax())
+    return chosen
+
+
+def _skew(a: torch.Tensor) -> torch.Tensor:
+    """[..., 3] -> [..., 3, 3] cross-product matrices [a]x."""
+    z = torch.zeros_like(a[..., 0])
+    return torch.stack([torch.stack([z, -a[..., 2], a[..., 1]], -1),
+                        torch.stack([a[..., 2], z, -a[..., 0]], -1),
+                        torch.stack([-a[..., 1], a[..., 0], z], -1)], -2)
+
+
+def rodrigues(w: torch.Tensor) -> torch.Tensor:
+    """Axis-angle [..., 3] -> rotation matrices [..., 3, 3]."""
+    theta = w.norm(dim=-1, keepdim=True)[..., None].clamp(min=1e-12)
+    k = _skew(w) / theta
+    eye = torch.eye(3, dtype=w.dtype, device=w.device).expand(k.shape)
+    return eye + torch.sin(theta) * k + (1 - torch.cos(theta)) * (k @ k)
+
+
+class DeformationGraph:
+    def __init__(self, rest: torch.Tensor, nodes: int = 256, neighbours: int = 4):
+        self.rest = rest
+        idx = farthest_point_sampling(rest, nodes)
+        self.nodes = rest[idx]                                            # [N, 3]
+        n = self.nodes.shape[0]
+        k = min(neighbours, n)
+        d2 = torch.cdist(rest, self.nodes) ** 2                           # [V, N]
+        near_d2, near = torch.topk(d2, min(k + 1, n), largest=False)
+        if n > k:
+            radius2 = near_d2[:, k:k + 1].clamp(min=1e-20)
+            w = (1 - (near_d2[:, :k] / radius2).sqrt()).clamp(min=0) ** 2 + 1e-8
+            near = near[:, :k]
+        else:
+            w = torch.ones_like(near_d2)
+        self.weights = w / w.sum(1, keepdim=True)                         # [V, K]
+        self.near = near                                                  # [V, K]
+        self.offset = rest[:, None, :] - self.nodes[near]                 # v_i − g_k  [V, K, 3]
+        # neighbours: nodes influencing a common vertex
+        a = near[:, :, None].expand(-1, k, k).reshape(-1)
+        b = near[:, None, :].expand(-1, k, k).reshape(-1)
+        pairs = torch.unique(torch.stack([a, b], 1)[a != b], dim=0)
+        self.edge_j, self.edge_k = pairs[:, 0], pairs[:, 1]
+        self.num_nodes = n
+
+    def identity_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.num_nodes
+        eye = torch.eye(3, dtype=self.rest.dtype, device=self.rest.device)
+        return eye.expand(n, 3, 3).clone(), torch.zeros(n, 3, dtype=self.rest.dtype, device=self.rest.device)
+
+    def apply(self, rot: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+        """Deformed vertex positions [V, 3] for node rotations [N,3,3] and translations [N,3]."""
+        local = torch.einsum("vkab,vkb->vka", rot[self.near], self.offset)
+        moved = local + self.nodes[self.near] + trans[self.near]
+        return (self.weights[..., None] * moved).sum(1)
+
+    def gauss_newton_step(self, rot, trans, x, data, rhs, stiffness: float, damping: float = 1e-4,
+                          max_turn: float = 0.3):
+        """One damped Gauss-Newton step on data(x) + stiffness · regulariser. Returns (rot, trans)."""
+        n, dt, dev = self.num_nodes, x.dtype, x.device
+        k = self.near.shape[1]
+        eye = torch.eye(3, dtype=dt, device=dev)
+        # Jacobian of x_i w.r.t. (δω_k, δt_k): [V, K, 3, 6]
+        a = torch.einsum("vkab,vkb->vka", rot[self.near], self.offset)
+        jac = torch.cat([-_skew(a), eye.expand(a.shape[:-1] + (3, 3))], -1) * self.weights[..., None, None]
+        grad_x = torch.einsum("vab,vb->va", data, x) - rhs                     # [V, 3]
+        dj = torch.einsum("vab,vkbc->vkac", data, jac)                         # D_i J_ik  [V,K,3,6]
+        hess_blocks = torch.einsum("vkab,vlac->vklbc", jac, dj)                # [V,K,K,6,6]
+        pair = (self.near[:, :, None] * n + self.near[:, None, :]).reshape(-1)
+        hess = torch.zeros(n * n, 6, 6, dtype=dt, device=dev)
+        hess.index_add_(0, pair, hess_blocks.reshape(-1, 6, 6))
+        grad = torch.zeros(n, 6, dtype=dt, device=dev)
+        grad.index_add_(0, self.near.reshape(-1), torch.einsum("vkab,va->vkb", jac, grad_x).reshape(-1, 6))
+
+        # regulariser residuals r = R_j (g_k − g_j) + g_j + t_j − g_k − t_k
+        j, kk = self.edge_j, self.edge_k
+        b = torch.einsum("eab,eb->ea", rot[j], self.nodes[kk] - self.nodes[j])
+        res = b + self.nodes[j] + trans[j] - self.nodes[kk] - trans[kk]
+        jj = torch.cat([-_skew(b), eye.expand(b.shape[:-1] + (3, 3))], -1)     # wrt node j  [E,3,6]
+        jk = torch.cat([torch.zeros_like(jj[..., :3]), -eye.expand(b.shape[:-1] + (3, 3))], -1)
+        s = stiffness
+        for (ja, ia) in ((jj, j), (jk, kk)):
+            grad.index_add_(0, ia, s * torch.einsum("eab,ea->eb", ja, res))
+            for (jb, ib) in ((jj, j), (jk, kk)):
+                hess.index_add_(0, ia * n + ib, s * torch.einsum("eab,eac->ebc", ja, jb))
+
+        h = hess.reshape(n, n, 6, 6).permute(0, 2, 1, 3).reshape(6 * n, 6 * n)
+        g = grad.reshape(-1)
+        diag = torch.diagonal(h).clone()
+        before = self.energy(rot, trans, data, rhs, stiffness)
+        # Levenberg-Marquardt: accept only steps that lower the (fixed-correspondence) energy
+        for attempt in range(6):
+            lm = damping * 10.0 ** attempt
+            try:
+                step = torch.linalg.solve(h + torch.diag(lm * diag.mean() + lm * diag), -g).reshape(n, 6)
+            except RuntimeError:
+                continue
+            if not torch.isfinite(step).all():
+                continue
+            turn = float(step[:, :3].norm(dim=1).max())
+            if turn > max_turn:                       # never rotate a node more than this per step
+                step = step * (max_turn / turn)
+            new_rot = rodrigues(step[:, :3]) @ rot
+            new_trans = trans + step[:, 3:]
+            if self.energy(new_rot, new_trans, data, rhs, stiffness) <= before:
+                return new_rot, new_trans
+        return rot, trans
+
+    def energy(self, rot, trans, data, rhs, stiffness: float) -> float:
+        """Data quadratic (correspondences held fixed, constant dropped) + stiffness · regulariser."""
+        x = self.apply(rot, trans)
+        e_data = (torch.einsum("vab,vb->va", data, x) * x).sum() - 2.0 * (rhs * x).sum()
+        j, k = self.edge_j, self.edge_k
+        res = (torch.einsum("eab,eb->ea", rot[j], self.nodes[k] - self.nodes[j]) + self.nodes[j] + trans[j]
+               - self.nodes[k] - trans[k])
+        return float(e_data + stiffness * (res * res).sum())
