@@ -130,13 +130,13 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     r, h, squash = 0.5, 1.0, 0.7
     if kind == "sphere_bend":
         r, h, squash = 1.0, 0.0, 1.0
-        motion = lambda p, u: bend(p, 0.6 * math.sin(math.pi * u), -0.5, 0.5)
+        motion = lambda p, u: bend(p, 0.4 * math.sin(math.pi * u), -0.8, 0.8)
     elif kind == "capsule_bend":
-        motion = lambda p, u: bend(p, 1.2 * u, -0.6, 0.6)
+        motion = lambda p, u: bend(p, 0.8 * u, -1.0, 1.0)
     elif kind == "capsule_twist":
-        motion = lambda p, u: twist(p, math.pi * 0.5 * u, -1.5, 1.5)
+        motion = lambda p, u: twist(p, math.pi / 3 * u, -1.5, 1.5)
     elif kind == "capsule_wave":
-        motion = lambda p, u: wave(p, 0.25, 2.0, 1.5 * u)
+        motion = lambda p, u: wave(p, 0.12, 3.0, 0.5 * u)
     elif kind == "cylinder_bend90":
         r, h, squash = 0.2, 1.0, 1.0
         motion = lambda p, u: bend(p, 0.5 * math.pi * u, -0.4, 0.4)
