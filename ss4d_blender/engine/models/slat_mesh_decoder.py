@@ -81,6 +81,7 @@ class SparseSubdivideBlock3d(nn.Module):
         h = subdivide(SiLU(GroupNorm(x)))
         h = conv3(SiLU(GroupNorm(conv3(h))))         3x3x3 submanifold convolutions at the new resolution
         out = h + skip(subdivide(x))                  skip: 1x1x1 convolution when the width changes
+                                                      (as spconv computes it, see SpconvPointwise)
 
     Args:
         channels: input width.
@@ -106,7 +107,7 @@ class SparseSubdivideBlock3d(nn.Module):
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
-            self.skip_connection = SparseConv3d(channels, self.out_channels, 1)
+            self.skip_connection = SpconvPointwise(channels, self.out_channels)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         """x: feats ``[N, channels]`` at ``resolution`` -> feats ``[8N, out_channels]`` at ``2 * resolution``."""
@@ -114,6 +115,34 @@ class SparseSubdivideBlock3d(nn.Module):
         x = self.subdivide(x)
         h = self.out_layers(h)
         return h.replace(h.feats + self.skip_connection(x).feats)
+
+
+class SpconvPointwise(nn.Module):
+    """The 1x1x1 submanifold convolution of the skip connection, computed as spconv 2.x computes it.
+
+    The weight is stored as a spconv kernel ``conv.weight [out, 1, 1, 1, in]``, but spconv's 1x1 fast path
+    multiplies the features by that memory *viewed as* ``[in, out]`` (not by its transpose).  The
+    official TRELLIS checkpoints were trained that way (and the golden fixture was made that way), so
+    this layer does the same: ``out = feats @ weight.reshape(in, out) + bias``.  With in == out this is a
+    plain linear map by a differently arranged matrix; the reshape is not a transpose.
+
+    TODO(lead): move to engine/sparse (sparse-core) if its SparseConv3d grows kernel-size-1 support;
+    it must keep this arrangement.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.conv = nn.Module()
+        self.conv.weight = nn.Parameter(torch.empty(out_channels, 1, 1, 1, in_channels))
+        self.conv.bias = nn.Parameter(torch.zeros(out_channels))
+        bound = 1.0 / in_channels ** 0.5
+        nn.init.uniform_(self.conv.weight, -bound, bound)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        """feats ``[N, in]`` -> ``[N, out]``, same coords."""
+        weight = self.conv.weight.reshape(self.in_channels, self.out_channels)
+        return x.replace(x.feats @ weight.to(x.feats.dtype) + self.conv.bias.to(x.feats.dtype))
 
 
 class _SparseSiLU(nn.Module):
