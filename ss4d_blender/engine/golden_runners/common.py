@@ -1,0 +1,46 @@
+"""Shared pieces of the golden-fixture runners.
+
+A runner module exposes `run(case_dir, config, manifest, io) -> list[Check]`; `verify_golden` picks the
+runner for a case (see `runner_for`) and reports the worst check per case.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Check:
+    name: str
+    max_abs: float
+    rel_l2: float
+    passed: bool
+    note: str = ""
+
+
+def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, relative L2 error) in float64."""
+    diff = ours.detach().double().cpu() - ref.detach().double().cpu()
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    return max_abs, float(diff.norm() / ref.double().norm().clamp(min=1e-30))
+
+
+def tensor_check(name: str, ours: torch.Tensor, ref: torch.Tensor, tolerance: dict, note: str = "") -> Check:
+    """Passes when both the max abs and (if the tolerance names one) the relative L2 error are within it."""
+    if tuple(ours.shape) != tuple(ref.shape):
+        return Check(name, float("inf"), float("inf"), False, f"shape {tuple(ours.shape)} vs {tuple(ref.shape)}")
+    max_abs, rel = errors(ours, ref)
+    ok = max_abs <= tolerance.get("max_abs", float("inf")) and rel <= tolerance.get("rel_l2", float("inf"))
+    return Check(name, max_abs, rel, ok, note)
+
+
+def coords_check(name: str, ours: torch.Tensor, ref: torch.Tensor) -> Check:
+    """Exact equality; if only the row order differs it fails and says so."""
+    ours, ref = ours.int().cpu(), ref.int().cpu()
+    if ours.shape == ref.shape and torch.equal(ours, ref):
+        return Check(name, 0.0, 0.0, True)
+    note = f"{len(ours)} vs {len(ref)} rows"
+    if ours.shape == ref.shape and torch.equal(torch.unique(ours, dim=0), torch.unique(ref, dim=0)):
+        note = "same voxels, different row order"
+    return Check(name, float("inf"), 0.0, False, note)
