@@ -7,6 +7,10 @@ The registered vertices are compared with the analytic map of the reference fram
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -47,31 +51,67 @@ def _scores(seq, anim):
     return np.array(corr), np.array(surf), np.array(flips)
 
 
-_TANGENTIAL = pytest.mark.xfail(strict=True, reason=(
-    "known gap: surface fit and orientation pass, but tangential drift leaves the mean "
-    "correspondence error at 1.3-4.6% of the diagonal (bound 1%)"))
+# Motion tests: 32 frames (the issue's length) at ~0.6k-1k vertices per frame (resolution 0.5), so
+# the whole file runs in well under a minute on 2 cores. The 1% bound is ~1/3 of an edge here.
+RESOLUTION = {"cylinder_bend90": 0.3}
 
 
-@pytest.mark.parametrize("kind", [pytest.param("sphere_bend", marks=_TANGENTIAL),
-                                  pytest.param("capsule_bend", marks=_TANGENTIAL),
-                                  pytest.param("capsule_twist", marks=_TANGENTIAL),
-                                  pytest.param("capsule_wave", marks=_TANGENTIAL),
-                                  "cylinder_bend90"])
+def _xfail(measured: str):
+    return pytest.mark.xfail(strict=True, reason=(
+        "known gap, measured " + measured + " mean correspondence error (bound 1%); the surface fit "
+        "and orientation pass, but the analytic motion is not the minimum of the rigidity prior "
+        "(fitted from the exact answer, the fit slides tangentially by about as much), and the "
+        "surface alone cannot tell"))
+
+
+MOTIONS = ["sphere_bend", "capsule_bend", "capsule_twist", "capsule_wave", "cylinder_bend90"]
+KNOWN_GAPS = {   # measured at this resolution, seed 1 (max over the 32 frames)
+    "sphere_bend": "3.6% at the end frames (the motion ends on a perfect sphere, so any rotation fits "
+                   "the surface equally; which one the analytic motion picks is a convention)",
+    "capsule_bend": "1.8%",
+    "capsule_twist": "1.6%",
+    "capsule_wave": "1.8%",
+}
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=_xfail(KNOWN_GAPS[k])) if k in KNOWN_GAPS else k
+                                  for k in MOTIONS])
 def test_analytic_motion_is_followed(kind):
-    seq = make_sequence(kind, FRAMES, resolution=1, seed=1)
+    seq = make_sequence(kind, FRAMES, resolution=RESOLUTION.get(kind, 0.5), seed=1)
     counts = {v.shape[0] for v in seq.vertices}
     assert len(counts) > 1, "frames must be meshed independently"
     anim = register_sequence(_meshes(seq), target_vertices=100_000)
     assert anim.vertices.shape == (FRAMES, seq.vertices[anim.reference_frame].shape[0], 3)
     assert np.isfinite(anim.vertices).all() and np.isfinite(anim.fit_error).all()
     corr, surf, flips = _scores(seq, anim)
-    print(f"{kind}: corr max {corr.max():.4%}, surface max {surf.max():.4%}, flips max {flips.max():.3%}")
-    assert corr.max() <= 0.01, corr
-    assert surf.max() <= 0.005, surf
-    assert flips.max() <= 0.005, flips
+    print(f"{kind}: {anim.vertices.shape[1]} vertices, reference {anim.reference_frame}: corr max "
+          f"{corr.max():.3%} (frame {corr.argmax()}), surface max {surf.max():.3%}, flips max {flips.max():.3%}")
     # the reported fit error is the same measure, in model units
     assert np.allclose(anim.fit_error / seq.diagonal, surf, atol=2e-4)
     assert anim.info["bad_frames"] == []
+    assert surf.max() <= 0.005, surf
+    assert flips.max() <= 0.005, flips
+    assert corr.max() <= 0.01, corr
+
+
+def test_strong_shape_change_is_survived_and_reported():
+    """A ball growing petals to 4x its radius (far from isometric, like a flower opening): no NaN,
+    no explosion, and every frame either fits or is listed in bad_frames, never hidden."""
+    seq = make_sequence("flower_open", FRAMES, resolution=0.4, seed=7)
+    anim = register_sequence(_meshes(seq), reference_frame=0, target_vertices=100_000)
+    assert np.isfinite(anim.vertices).all()
+    extent = max(np.abs(v).max() for v in seq.vertices)
+    assert np.abs(anim.vertices).max() < 1.5 * extent
+    assert np.isfinite(anim.fit_error).all()
+    threshold = anim.info["bad_frame_threshold"]
+    assert anim.info["bad_frames"] == [t for t in range(FRAMES) if anim.fit_error[t] > threshold]
+    # the reported fit error is the true distance to each frame's surface
+    for t in (3, FRAMES - 1):
+        dist = SurfaceDistance(torch.from_numpy(seq.vertices[t]), torch.from_numpy(seq.faces[t].astype(np.int64)))
+        assert abs(float(dist(torch.from_numpy(anim.vertices[t])).mean()) - anim.fit_error[t]) < 1e-4
+    # early frames (small change) still fit tightly
+    assert (anim.fit_error[:8] / seq.diagonal).max() < 0.005
+    print("flower fit error (% of diagonal):", np.round(100 * anim.fit_error / seq.diagonal, 2))
 
 
 def test_grid_nearest_neighbour_is_exact():
@@ -92,7 +132,7 @@ def test_reference_is_simplified_and_fit_still_tight():
 
 
 def test_broken_frames_are_reported_not_hidden():
-    seq = make_sequence("capsule_wave", 6, resolution=1, seed=3)
+    seq = make_sequence("capsule_wave", 6, resolution=0.5, seed=3)
     meshes = _meshes(seq)
     # frame 4 is something else entirely (a far-away small sphere); frame 5 is empty
     meshes[4] = Mesh(seq.vertices[4] * 0.2 + np.float32([3, 0, 0]), seq.faces[4])
@@ -106,7 +146,7 @@ def test_broken_frames_are_reported_not_hidden():
 
 
 def test_colours_come_from_the_reference_frame():
-    seq = make_sequence("capsule_bend", 3, seed=4)
+    seq = make_sequence("capsule_bend", 3, resolution=0.3, seed=4)
     meshes = _meshes(seq)
     for m in meshes:
         m.colors = np.clip(0.5 + 0.5 * m.vertices, 0, 1).astype(np.float32)
@@ -126,7 +166,7 @@ def test_temporal_smoothing_removes_jitter_and_keeps_linear_motion():
 def test_bad_input_and_cancel():
     with pytest.raises(InputError):
         register_sequence([])
-    seq = make_sequence("capsule_bend", 3, seed=5)
+    seq = make_sequence("capsule_bend", 3, resolution=0.3, seed=5)
     with pytest.raises(InputError):
         register_sequence(_meshes(seq), reference_frame=7)
     progress = Progress()
@@ -135,10 +175,31 @@ def test_bad_input_and_cancel():
         register_sequence(_meshes(seq), progress=progress)
 
 
+def test_cli_module_runs(tmp_path):
+    """`python -m ss4d_blender.engine.registration.cli IN OUT` end to end, in a fresh process."""
+    seq = make_sequence("capsule_bend", 3, resolution=0.3, seed=8)
+    src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
+    arrays = {}
+    for t, (v, f) in enumerate(zip(seq.vertices, seq.faces)):
+        arrays[f"vertices_{t}"], arrays[f"faces_{t}"] = v, f
+        arrays[f"colors_{t}"] = np.full_like(v, 0.25)
+    np.savez(src, **arrays)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "ss4d_blender.engine.registration.cli", str(src), str(dst),
+                          "--quiet", "--target-vertices", "300"], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = np.load(dst)
+    t, v, _ = out["vertices"].shape
+    assert t == 3 and 200 <= v <= 400 and out["faces"].max() < v
+    assert out["colors"].shape == (v, 3) and np.allclose(out["colors"], 0.25, atol=1e-5)
+    assert out["fit_error"].shape == (3,) and np.isfinite(out["fit_error"]).all()
+
+
 def test_cli_roundtrip(tmp_path):
     from ss4d_blender.engine.registration.cli import main
 
-    seq = make_sequence("capsule_wave", 4, seed=6)
+    seq = make_sequence("capsule_wave", 4, resolution=0.3, seed=6)
     arrays = {}
     for t, (v, f) in enumerate(zip(seq.vertices, seq.faces)):
         arrays[f"vertices_{t}"], arrays[f"faces_{t}"] = v, f

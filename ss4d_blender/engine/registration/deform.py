@@ -44,11 +44,14 @@ class FitSettings:
     cg_iterations: int = 25
     cg_tolerance: float = 1e-6
     converge: float = 2e-5                          # stop when no vertex moves more (× diagonal)
-    graph_nodes: int = 192                          # coarse stage: deformation-graph nodes
+    graph_converge: float = 1e-3                    # the same for a Gauss-Newton step of the graph
+    graph_nodes: int = 160                          # coarse stage: surface nodes (at most V/10)
     graph_iterations: int = 5                       # Gauss-Newton steps per frame
     graph_stiffness: float = 1.0                    # graph regulariser weight (scaled by V/edges)
     fine_stiffness: tuple = (1.0, 0.5)         # fine stage: λ_r schedule after the graph
     fine_iterations: int = 3
+    graph_vertices: int = 3000                      # vertices (random subset) driving the graph stage
+    interior_nodes: bool = True                     # graph nodes inside closed volumes too
 
 
 class Target:
@@ -101,7 +104,15 @@ class Deformer:
         lo, hi = rest.min(0).values, rest.max(0).values
         self.diag = float((hi - lo).norm()) or 1.0
         self.mean_edge = float(self.rest_length.mean()) if self.rest_length.numel() else self.diag
-        self.graph = DeformationGraph(rest, self.settings.graph_nodes)
+        nodes = min(self.settings.graph_nodes, max(48, nv // 10))     # small meshes: fewer nodes
+        self.graph = DeformationGraph(rest, nodes, faces=faces,
+                                      interior=self.settings.interior_nodes)
+        if nv > self.settings.graph_vertices:
+            pick = torch.randperm(nv, generator=torch.Generator().manual_seed(0))[:self.settings.graph_vertices]
+            self.graph_rows = torch.sort(pick).values.to(rest.device)
+        else:
+            self.graph_rows = torch.arange(nv, device=rest.device)
+        self.graph_data = self.graph.restricted(self.graph_rows)
 
     # ---- linear algebra -------------------------------------------------------------------
     def laplacian(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,12 +152,16 @@ class Deformer:
         return x
 
     # ---- one fit ----------------------------------------------------------------------------
-    def correspondences(self, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Data blocks D [V,3,3] and right-hand sides d [V,3] of the data term."""
+    def correspondences(self, x: torch.Tensor, target: Target, rows: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Data blocks D [V,3,3] and right-hand sides d [V,3] of the data term (for the vertices
+        `rows` only when given: [R,3,3], [R,3]). x: all vertex positions [V, 3]."""
         s = self.settings
-        nv = x.shape[0]
         eye = torch.eye(3, dtype=x.dtype, device=x.device)
         normals = vertex_normals(x, self.faces)
+        if rows is not None:
+            x, normals = x[rows], normals[rows]
+        nv = x.shape[0]
         max_d = s.max_distance * self.diag
 
         # forward: every vertex to its nearest target sample
@@ -162,7 +177,7 @@ class Deformer:
 
         # reverse: every target sample to its nearest vertex (pulls the mesh into parts it misses)
         if s.reverse_weight > 0:
-            src_grid = PointGrid(x, cell=1.5 * self.mean_edge)
+            src_grid = PointGrid(x, cell=1.5 * self.mean_edge * (self.rest.shape[0] / nv) ** 0.5)
             i, d_r = src_grid.query(target.points, exact=False)
             ok_r = ((normals[i] * target.normals).sum(1) > s.normal_cos) & (d_r < max_d)
             w = s.reverse_weight * nv / max(target.points.shape[0], 1)
@@ -175,9 +190,16 @@ class Deformer:
         return data, rhs, stats
 
     def fit(self, x: torch.Tensor, target: Target, stiffness: Optional[tuple] = None,
-            iterations: Optional[int] = None) -> tuple[torch.Tensor, dict]:
-        """Fit from start positions x [V, 3]; returns the new positions and a few statistics."""
+            iterations: Optional[int] = None, shape: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, dict]:
+        """Fit from start positions x [V, 3]; returns the new positions and a few statistics.
+        shape: positions [V, 3] whose local shape the rigidity term keeps (default: the rest)."""
         s = self.settings
+        if shape is None:
+            rest_edge, rest_length = self.rest_edge, self.rest_length
+        else:
+            rest_edge = shape[self.src] - shape[self.dst]
+            rest_length = rest_edge.norm(dim=1)
         stiffness = stiffness or s.stiffness
         iterations = s.iterations if iterations is None else iterations
         stats = {}
@@ -188,10 +210,10 @@ class Deformer:
             # local step: rotations and edge directions
             cur_edge = x[self.src] - x[self.dst]
             cov = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype, device=x.device)
-            cov = cov.index_add(0, self.src, self.rest_edge[:, :, None] * cur_edge[:, None, :])
+            cov = cov.index_add(0, self.src, rest_edge[:, :, None] * cur_edge[:, None, :])
             rot = _rotations(cov)
-            rot_edge = 0.5 * torch.einsum("eab,eb->ea", rot[self.src] + rot[self.dst], self.rest_edge)
-            dir_edge = torch.nn.functional.normalize(cur_edge, dim=1, eps=1e-20) * self.rest_length[:, None]
+            rot_edge = 0.5 * torch.einsum("eab,eb->ea", rot[self.src] + rot[self.dst], rest_edge)
+            dir_edge = torch.nn.functional.normalize(cur_edge, dim=1, eps=1e-20) * rest_length[:, None]
             target_edge = (lam_r * rot_edge + lam_e * dir_edge) / (lam_r + lam_e)
             rhs_rigid = torch.zeros_like(x).index_add(0, self.src, target_edge)
             lam = lam_r + lam_e
@@ -212,22 +234,28 @@ class Deformer:
         """Graph stage (Gauss-Newton on node rotations/translations, warm-started from `state`)
         then per-vertex refinement. Returns (positions [V,3], new graph state, statistics)."""
         s = self.settings
-        g = self.graph
+        g, gd, rows = self.graph, self.graph_data, self.graph_rows
         rot, trans = state
-        stiffness = s.graph_stiffness * self.rest.shape[0] / max(g.edge_j.shape[0], 1)
+        stiffness = s.graph_stiffness * rows.shape[0] / max(g.edge_j.shape[0], 1)
+        graph_steps = 0
         for _ in range(s.graph_iterations):
-            x = g.apply(rot, trans)
-            data, rhs, _ = self.correspondences(x, target)
-            new_rot, new_trans = g.gauss_newton_step(rot, trans, x, data, rhs, stiffness)
+            x_all = g.apply(rot, trans)
+            data, rhs, _ = self.correspondences(x_all, target, rows)
+            x = x_all[rows]
+            new_rot, new_trans = gd.gauss_newton_step(rot, trans, x, data, rhs, stiffness)
             if not (torch.isfinite(new_rot).all() and torch.isfinite(new_trans).all()):
                 break
-            step = float((g.apply(new_rot, new_trans) - x).norm(dim=1).max())
+            step = float((gd.apply(new_rot, new_trans) - x).norm(dim=1).max())
             rot, trans = new_rot, new_trans
-            if step < s.converge * self.diag:
+            graph_steps += 1
+            if step < s.graph_converge * self.diag:
                 break
         x_graph = g.apply(rot, trans)
-        x, stats = self.fit(x_graph, target, s.fine_stiffness, s.fine_iterations)
+        # the fine stage keeps the graph result's local shape (not the rest's): it settles the surface
+        # onto the target without undoing the graph's volumetric, tangentially faithful motion
+        x, stats = self.fit(x_graph, target, s.fine_stiffness, s.fine_iterations, shape=x_graph)
         if stats.get("diverged"):
             x = x_graph
         stats["diverged"] = not bool(torch.isfinite(x).all())
+        stats["graph_steps"] = graph_steps
         return x, (rot, trans), stats

@@ -14,7 +14,12 @@ right-hand sides d_i) as the fine stage, so both stages see the same corresponde
 """
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
+
+from .knn import PointGrid
 
 
 def farthest_point_sampling(points: torch.Tensor, count: int) -> torch.Tensor:
@@ -45,11 +50,66 @@ def rodrigues(w: torch.Tensor) -> torch.Tensor:
     return eye + torch.sin(theta) * k + (1 - torch.cos(theta)) * (k @ k)
 
 
+def winding_number(points: torch.Tensor, v: torch.Tensor, f: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Approximate generalised winding number of `points` [P,3] w.r.t. the mesh (v, f): every
+    face is a dipole (area vector at its centroid). ≈1 inside a closed surface, ≈0 outside;
+    accurate away from the surface (further than a face size), which is all it is used for."""
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    centre = (a + b + c) / 3.0
+    area_vec = 0.5 * torch.cross(b - a, c - a, dim=1)                   # [F, 3]
+    out = []
+    for s in range(0, points.shape[0], chunk):
+        d = centre[None] - points[s:s + chunk, None]                    # [p, F, 3]
+        r3 = d.norm(dim=-1).clamp(min=1e-12) ** 3
+        out.append(((d * area_vec[None]).sum(-1) / r3).sum(1) / (4.0 * math.pi))
+    return torch.cat(out) if out else points.new_zeros(0)
+
+
+def interior_points(rest: torch.Tensor, faces: torch.Tensor, spacing: float, max_points: int) -> torch.Tensor:
+    """Points of a grid (cell `spacing`) inside the closed parts of the mesh and at least half a
+    cell from its surface. Open sheets and parts thinner than a cell get none."""
+    lo, hi = rest.min(0).values, rest.max(0).values
+    for _ in range(4):
+        axes = [torch.arange(float(lo[i]) + 0.5 * spacing, float(hi[i]), spacing, dtype=rest.dtype,
+                             device=rest.device) for i in range(3)]
+        if all(a.numel() for a in axes) and axes[0].numel() * axes[1].numel() * axes[2].numel() <= 8 * max_points:
+            break
+        spacing *= 1.5
+    if not all(a.numel() for a in axes):
+        return rest.new_zeros(0, 3)
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    _, depth = PointGrid(rest).query(grid)
+    grid = grid[depth >= 0.5 * spacing]
+    if grid.shape[0] == 0:
+        return grid
+    inside = winding_number(grid, rest, faces) > 0.6
+    grid = grid[inside]
+    if grid.shape[0] > max_points:
+        grid = grid[farthest_point_sampling(grid, max_points)]
+    return grid
+
+
 class DeformationGraph:
-    def __init__(self, rest: torch.Tensor, nodes: int = 256, neighbours: int = 4):
+    """Nodes on the surface (farthest-point samples of the rest vertices) and, where the mesh
+    encloses a volume, inside it (a grid), so the graph bends and twists like a solid instead of
+    letting the surface slide over itself. Surface nodes are neighbours when they influence a
+    common vertex; interior nodes are neighbours of every node within ~1.75 grid cells."""
+
+    def __init__(self, rest: torch.Tensor, nodes: int = 256, neighbours: int = 4,
+                 faces: torch.Tensor | None = None, interior: bool = True):
         self.rest = rest
         idx = farthest_point_sampling(rest, nodes)
-        self.nodes = rest[idx]                                            # [N, 3]
+        surface_nodes = rest[idx]
+        inner = rest.new_zeros(0, 3)
+        if interior and faces is not None and faces.shape[0] and surface_nodes.shape[0] >= 8:
+            lo, hi = rest.min(0).values, rest.max(0).values
+            a, b, c = rest[faces[:, 0]], rest[faces[:, 1]], rest[faces[:, 2]]
+            area = float(0.5 * torch.cross(b - a, c - a, dim=1).norm(dim=1).sum())
+            spacing = max((area / surface_nodes.shape[0]) ** 0.5, 1e-6 * float((hi - lo).norm()))
+            inner = interior_points(rest, faces, spacing, max_points=surface_nodes.shape[0] // 2)
+            self.spacing = spacing
+        self.nodes = torch.cat([surface_nodes, inner])                     # [N, 3]
+        self.num_surface = surface_nodes.shape[0]
         n = self.nodes.shape[0]
         k = min(neighbours, n)
         d2 = torch.cdist(rest, self.nodes) ** 2                           # [V, N]
@@ -63,12 +123,25 @@ class DeformationGraph:
         self.weights = w / w.sum(1, keepdim=True)                         # [V, K]
         self.near = near                                                  # [V, K]
         self.offset = rest[:, None, :] - self.nodes[near]                 # v_i − g_k  [V, K, 3]
-        # neighbours: nodes influencing a common vertex
+        # neighbours: nodes influencing a common vertex, and interior nodes with nodes nearby
         a = near[:, :, None].expand(-1, k, k).reshape(-1)
         b = near[:, None, :].expand(-1, k, k).reshape(-1)
-        pairs = torch.unique(torch.stack([a, b], 1)[a != b], dim=0)
+        pairs = [torch.stack([a, b], 1)[a != b]]
+        if inner.shape[0]:
+            dn = torch.cdist(self.nodes[self.num_surface:], self.nodes)   # [N_in, N]
+            ii, jj = torch.nonzero(dn <= 1.75 * self.spacing, as_tuple=True)
+            ii = ii + self.num_surface
+            keep = ii != jj
+            pairs += [torch.stack([ii[keep], jj[keep]], 1), torch.stack([jj[keep], ii[keep]], 1)]
+        pairs = torch.unique(torch.cat(pairs), dim=0)
         self.edge_j, self.edge_k = pairs[:, 0], pairs[:, 1]
         self.num_nodes = n
+
+    def restricted(self, rows: torch.Tensor) -> "DeformationGraph":
+        """The same nodes and regulariser, driving only the vertices `rows` (a data subsample)."""
+        sub = copy.copy(self)
+        sub.near, sub.weights, sub.offset = self.near[rows], self.weights[rows], self.offset[rows]
+        return sub
 
     def identity_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.num_nodes
@@ -118,10 +191,10 @@ class DeformationGraph:
         # Levenberg-Marquardt: accept only steps that lower the (fixed-correspondence) energy
         for attempt in range(6):
             lm = damping * 10.0 ** attempt
-            try:
-                step = torch.linalg.solve(h + torch.diag(lm * diag.mean() + lm * diag), -g).reshape(n, 6)
-            except RuntimeError:
+            chol, info = torch.linalg.cholesky_ex(h + torch.diag(lm * diag.mean() + lm * diag))
+            if int(info) != 0:
                 continue
+            step = torch.cholesky_solve(-g[:, None], chol)[:, 0].reshape(n, 6)
             if not torch.isfinite(step).all():
                 continue
             turn = float(step[:, :3].norm(dim=1).max())

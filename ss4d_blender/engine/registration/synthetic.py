@@ -114,6 +114,15 @@ def wave(points: np.ndarray, amplitude: float, wavelength: float, shift: float) 
     return out
 
 
+def open_petals(points: np.ndarray, growth: float, petals: int = 5) -> np.ndarray:
+    """Radial growth of a ball into petals on its upper half (far from isometric)."""
+    rho = np.linalg.norm(points, axis=1, keepdims=True)
+    d = points / np.maximum(rho, 1e-12)
+    phi = np.arctan2(d[:, 1], d[:, 0])
+    lobe = np.maximum(d[:, 2], 0.0) ** 2 * (0.5 + 0.5 * np.cos(petals * phi)) ** 4
+    return points * (1.0 + growth * lobe)[:, None]
+
+
 @dataclass
 class SyntheticSequence:
     vertices: list          # per frame float32 [n_t, 3]
@@ -124,8 +133,9 @@ class SyntheticSequence:
 
 
 def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 0) -> SyntheticSequence:
-    """kind: 'sphere_bend', 'capsule_bend', 'capsule_twist', 'capsule_wave', 'cylinder_bend90'.
-    resolution scales the per-frame vertex count (1 -> roughly 1.5k-2.5k vertices)."""
+    """kind: 'sphere_bend', 'capsule_bend', 'capsule_twist', 'capsule_wave', 'cylinder_bend90',
+    'flower_open' (a ball growing five petals up to 4x its radius: strong, non-isometric change).
+    resolution scales the per-frame vertex count (1 -> roughly 0.7k-2.5k vertices, 0.5 -> half)."""
     rng = np.random.default_rng(seed)
     r, h, squash = 0.5, 1.0, 0.7
     if kind == "sphere_bend":
@@ -137,6 +147,9 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
         motion = lambda p, u: twist(p, math.pi / 3 * u, -1.5, 1.5)
     elif kind == "capsule_wave":
         motion = lambda p, u: wave(p, 0.12, 3.0, 0.5 * u)
+    elif kind == "flower_open":
+        r, h, squash = 0.5, 0.0, 1.0
+        motion = lambda p, u: open_petals(p, 3.0 * u)
     elif kind == "cylinder_bend90":
         r, h, squash = 0.2, 1.0, 1.0
         motion = lambda p, u: bend(p, 0.5 * math.pi * u, -0.4, 0.4)
@@ -149,8 +162,9 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     verts, faces, rests = [], [], []
     for t in range(frames):
         if h == 0.0:
-            v, f = icosphere((3 if resolution == 1 else 4) + t % 2)
-            v = v @ random_rotation(rng).T * r
+            around = int(rng.integers(50, 58) * resolution ** 0.5)
+            v, f = capsule_mesh(r, 0.0, max(4, around // 2), around, rng)
+            v = v @ random_rotation(rng).T
         else:
             around = int(rng.integers(36, 44) * resolution ** 0.5)
             rings = int(rng.integers(44, 52) * resolution ** 0.5 * (1 + 2 * h / (math.pi * r)) / 2.3)
