@@ -99,27 +99,37 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
                                f"{tuple(expected[k].shape)}. Check the weights source.")
 
 
-NORM_MODULES = (nn.LayerNorm, nn.GroupNorm)
+def _norm_modules() -> tuple[type, ...]:
+    from .nn.layers import MultiHeadRMSNorm
+
+    return (nn.LayerNorm, nn.GroupNorm, MultiHeadRMSNorm)
 
 
-def cast_precision(module: nn.Module, precision: str) -> nn.Module:
-    """fp32: everything float32. fp16 / bf16: the parameters and buffers of every layer except the
-    normalisation layers (which compute in float32, as in the reference) move to that dtype."""
+def precision_dtype(precision: Union[str, torch.dtype]) -> torch.dtype:
+    """"fp32" | "fp16" | "bf16" (or the torch dtype itself) -> torch dtype."""
+    if isinstance(precision, torch.dtype) and precision in DTYPES.values():
+        return precision
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
-    dtype = DTYPES[precision]
+    return DTYPES[precision]
+
+
+def cast_precision(module: nn.Module, precision: Union[str, torch.dtype]) -> nn.Module:
+    """fp32: everything float32. fp16 / bf16: the parameters of every layer except the normalisation
+    layers (LayerNorm / GroupNorm / per-head RMS norm, which compute in float32 as in the reference) move
+    to that dtype. Buffers (fixed tables: position embeddings, Gaussian offsets) stay float32; the models
+    cast them where they are used."""
+    dtype = precision_dtype(precision)
     module.float()
     if dtype == torch.float32:
         return module
+    norms = _norm_modules()
     for sub in module.modules():
-        if isinstance(sub, NORM_MODULES):
+        if isinstance(sub, norms):
             continue
-        for name, p in sub.named_parameters(recurse=False):
-            if p is not None and p.is_floating_point():
+        for p in sub.parameters(recurse=False):
+            if p.is_floating_point():
                 p.data = p.data.to(dtype)
-        for name, b in sub.named_buffers(recurse=False):
-            if b is not None and b.is_floating_point():
-                setattr(sub, name, b.to(dtype))
     return module
 
 
@@ -145,18 +155,23 @@ class _NoInit:
             setattr(owner, name, value)
 
 
-def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", precision: str = "fp32",
-               config: Optional[dict] = None) -> nn.Module:
-    """Loads `{path}.json` + `{path}.safetensors` strictly; returns the module in eval mode on `device`."""
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+               precision: Union[str, torch.dtype] = "fp32", config: Optional[dict] = None) -> nn.Module:
+    """Loads `{path}.json` + `{path}.safetensors` strictly (path with or without either extension);
+    returns the module in eval mode on `device`, its layers in `precision` (norms in float32).
+
+    The module is built on the CPU without initialisation, takes the file's tensors as its own (no copy),
+    is cast, then moved: peak host memory is about one copy of the weights."""
     json_path, weights_path = checkpoint_paths(path)
     config = config if config is not None else read_config(json_path)
+    dtype = precision_dtype(precision)
     cls = model_class(config["name"])
     state = read_state_dict(weights_path)
     try:
-        with _NoInit(), torch.device(device):
+        with _NoInit(), torch.device("cpu"):
             module = cls(**config.get("args", {}))
     except TypeError as err:
         raise WeightsError(f"{json_path}: configuration not understood ({err}).") from err
     check_state_dict(module, state, weights_path)
-    module.load_state_dict(state, strict=True)
-    return cast_precision(module, precision).eval()
+    module.load_state_dict(state, strict=True, assign=True)
+    return cast_precision(module, dtype).to(device).eval()

@@ -87,4 +87,6 @@ class SparseStructureDecoder(nn.Module):
 def occupancy_to_coords(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, 1, R, R, R] -> int32 [N, 4] (batch, x, y, z) of the cells with logit > 0, in row-major
     order (grouped by batch index, as the samplers expect)."""
+    if logits.dim() != 5 or logits.shape[1] != 1:
+        raise ValueError(f"expected occupancy logits [B, 1, R, R, R], got {tuple(logits.shape)}")
     return torch.argwhere(logits[:, 0] > 0).int()
