@@ -25,6 +25,9 @@ MODEL_CLASSES: dict[str, str] = {
     "SLatFlow4DModel": "slat_flow_4d:SLatFlow4DModel",
     "SLatGaussianDecoder": "slat_gaussian_decoder_4d:SLatGaussianDecoder",
     "SLatMeshDecoder": "slat_mesh_decoder:SLatMeshDecoder",
+    # TRELLIS's training configs name the decoders' memory-elastic subclasses (same parameters)
+    "ElasticSLatGaussianDecoder": "slat_gaussian_decoder_4d:SLatGaussianDecoder",
+    "ElasticSLatMeshDecoder": "slat_mesh_decoder:SLatMeshDecoder",
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
