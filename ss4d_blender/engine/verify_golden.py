@@ -3,7 +3,7 @@
     python -m ss4d_blender.engine.verify_golden DIR [DIR...]
 
 Each DIR is a case folder (manifest.json + io.safetensors [+ config.json + weights.safetensors], or a
-pipeline folder with pipeline.json) or a folder of such folders. Prints one line per case: name, max abs
+pipeline folder with pipeline.json) or a folder holding such folders (searched recursively). Prints one line per case: name, max abs
 error, relative L2 error and PASS/FAIL of its worst check (with a note when there is one); with
 `--verbose` every check. Exit status 0 only if every case passes.
 """
@@ -34,12 +34,13 @@ def is_case(path: Path) -> bool:
 
 
 def find_cases(paths: list[Path]) -> list[Path]:
+    """Case folders at or below each path (a case folder is not searched further), sorted by name."""
     cases = []
     for p in paths:
         if is_case(p):
             cases.append(p)
         elif p.is_dir():
-            cases.extend(sorted(c for c in p.iterdir() if c.is_dir() and is_case(c)))
+            cases.extend(find_cases(sorted(c for c in p.iterdir() if c.is_dir())))
     return cases
 
 
@@ -79,14 +80,15 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", "-v", action="store_true", help="print every check of every case")
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not d.exists()]
-    for d in missing:
-        print(f"{str(d):32} {'-':>10} {'-':>10}  FAIL  (folder not found)")
     cases = find_cases([d for d in args.dirs if d.exists()])
     if not cases and not missing:
         print("no cases found", file=sys.stderr)
         return 1
-    all_ok = not missing
     print(f"{'case':32} {'max_abs':>10} {'rel_l2':>10}  result")
+    for d in missing:
+        print(f"{str(d):32} {'-':>10} {'-':>10}  FAIL  (folder not found)")
+    all_ok = not missing
+    n_passed = 0
     for case in cases:
         try:
             checks, error = run_case(case)
@@ -102,11 +104,13 @@ def main(argv=None) -> int:
         worst = max(failed or checks, key=lambda c: (c.max_abs, c.rel_l2))
         ok = not failed
         all_ok &= ok
-        note = f"  [{worst.name}] {worst.note}" if (worst.note or failed) else ""
+        n_passed += ok
+        note = f"  [{worst.name}] {worst.note}".rstrip() if (worst.note or failed) else ""
         print(f"{case.name:32} {worst.max_abs:10.3g} {worst.rel_l2:10.3g}  {'PASS' if ok else 'FAIL'}{note}")
         if args.verbose:
             for c in checks:
                 print(f"    {c.name:28} {c.max_abs:10.3g} {c.rel_l2:10.3g}  {'ok' if c.passed else 'FAIL'}  {c.note}")
+    print(f"{n_passed}/{len(cases)} cases passed" + (f", {len(missing)} folder(s) not found" if missing else ""))
     return 0 if all_ok else 1
 
 

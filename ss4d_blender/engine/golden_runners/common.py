@@ -44,3 +44,25 @@ def coords_check(name: str, ours: torch.Tensor, ref: torch.Tensor) -> Check:
     if ours.shape == ref.shape and torch.equal(torch.unique(ours, dim=0), torch.unique(ref, dim=0)):
         note = "same voxels, different row order"
     return Check(name, float("inf"), 0.0, False, note)
+
+
+def coords_set_check(name: str, ours: torch.Tensor, ref: torch.Tensor) -> Check:
+    """Same voxel set in any row order (for fixtures whose manifest allows it); the note says when the
+    order differs. Duplicate rows count: both must hold the same multiset."""
+    ours, ref = ours.int().cpu(), ref.int().cpu()
+    if ours.shape != ref.shape:
+        return Check(name, float("inf"), 0.0, False, f"{tuple(ours.shape)} vs {tuple(ref.shape)} coordinates")
+    if torch.equal(ours, ref):
+        return Check(name, 0.0, 0.0, True)
+    same = torch.equal(_sorted_rows(ours), _sorted_rows(ref))
+    return Check(name, 0.0 if same else float("inf"), 0.0, same,
+                 "same voxels, different row order (compared as sets)" if same else "different voxel sets")
+
+
+def _sorted_rows(coords: torch.Tensor) -> torch.Tensor:
+    """Rows in lexicographic order."""
+    order = torch.arange(len(coords))
+    for col in reversed(range(coords.shape[1])):  # stable sorts, last key first
+        order = order[torch.sort(coords[order, col], stable=True).indices]
+    return coords[order]
+
