@@ -231,3 +231,18 @@ def test_released_ss_flow_and_decoder_on_meta():
     with torch.device("meta"):
         out = dec(torch.empty(1, 8, 16, 16, 16))
     assert out.shape == (1, 1, 64, 64, 64)
+
+
+def test_query_chunking_off_cuda_is_exact(monkeypatch):
+    from ss4d_blender.engine.nn import attention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(32, 2, type="temporal", attn_mode="windowed", window_size=2, shift_window_t=1,
+                              use_rope_t=True, qk_rms_norm=True).eval()
+    cross = MultiHeadAttention(32, 2, ctx_channels=16, type="cross").eval()
+    x, ctx = torch.randn(8, 7, 32), torch.randn(8, 5, 16)
+    with torch.no_grad():
+        whole = attn(x, num_frames=4), cross(x, ctx)
+        monkeypatch.setattr(attention, "SCORE_ELEMENTS_OFF_CUDA", 2 * 2 * 14 * 3)  # 3 queries per chunk
+        chunked = attn(x, num_frames=4), cross(x, ctx)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))

@@ -19,9 +19,22 @@ import torch.nn.functional as F
 from .layers import MultiHeadRMSNorm, RotaryPositionEmbedder
 
 
+# Off CUDA, SDPA may materialise the [B, H, Lq, Lk] score matrix (e.g. on MPS: at the released size one
+# temporal window is 8 frames x 4096 tokens, 16 heads -> 17e9 scores). Bound it by splitting the queries
+# into chunks; the result is exact.
+SCORE_ELEMENTS_OFF_CUDA = 1 << 27
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [B, Lq, H, D], k, v [B, Lk, H, D] -> [B, Lq, H, D]."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
+    B, H, Lq, _ = q.shape
+    chunk = Lq
+    if q.device.type != "cuda":
+        chunk = max(1, SCORE_ELEMENTS_OFF_CUDA // max(1, B * H * k.shape[2]))
+    if chunk >= Lq:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(chunk, dim=2)], dim=2).transpose(1, 2)
 
 
 def temporal_windows(num_frames: int, window_size: int, shift: int) -> list[range]:
