@@ -20,6 +20,7 @@ from pathlib import Path
 RUNNERS = {
     "SparseStructureFlow4DModel": "dense",
     "SparseStructureDecoder": "dense",
+    "sampler": "dense",
     "SLatFlow4DModel": "slat_flow",
     "SLatGaussianDecoder": "decoders",
     "SLatMeshDecoder": "decoders",
@@ -47,6 +48,8 @@ def find_cases(paths: list[Path]) -> list[Path]:
 def case_kind(case_dir: Path, config: dict | None, manifest: dict) -> str:
     if (case_dir / "pipeline.json").is_file():
         return json.loads((case_dir / "pipeline.json").read_text())["name"]
+    if "Sampler" in manifest.get("class", ""):  # a sampler over the folder's model, whatever the model
+        return "sampler"
     if config is not None:
         return config["name"]
     if manifest.get("class", "").startswith("FlexiCubes"):

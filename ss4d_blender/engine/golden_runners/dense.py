@@ -2,6 +2,7 @@
 decoder (`ss_decoder`) and the Flow-Euler sampler with guidance interval (`sampler_guidance_interval`)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,8 @@ import torch
 
 from ..loading import load_model
 from ..models.sparse_structure_decoder import occupancy_to_coords
-from ..sampler import FlowEulerSampler
+from ..sampler import make_sampler
+from ..sparse import SparseTensor
 from .common import Check, coords_check, tensor_check
 
 
@@ -47,17 +49,35 @@ def run_decoder(case_dir: Path, config: dict, manifest: dict, io: dict) -> list[
     return checks
 
 
+SAMPLER_CLASS = re.compile(r"(FlowEuler\w*Sampler)(?:\(sigma_min=([0-9.eE+-]+)\))?")
+
+
 def run_sampler(case_dir: Path, config: dict, manifest: dict, io: dict) -> list[Check]:
+    """manifest["class"] names the sampler (and sigma_min, default 1e-5); the model is the folder's.
+    A sparse model's noise comes as `noise` feats + `coords`; the outputs are compared as feats."""
+    match = SAMPLER_CLASS.search(manifest["class"])
+    if match is None:
+        raise ValueError(f"no Flow-Euler sampler named in manifest class {manifest['class']!r}")
+    sampler = make_sampler(match.group(1), {"sigma_min": float(match.group(2) or 1e-5)})
     model = _model(case_dir, config)
     params = dict(manifest["params"])
-    sampler = FlowEulerSampler(sigma_min=1e-5, guidance="interval")
-    out = sampler.sample(model, io["noise"].float(), io["cond"].float(), io["neg_cond"].float(), keep_history=True,
-                         num_frames=int(manifest["non_tensor_args"]["num_frames"]), **params)
+    noise = io["noise"].float()
+    if "coords" in io:
+        noise = SparseTensor(noise, io["coords"].int())
+    neg_cond = io["neg_cond"].float() if "neg_cond" in io else None
+    out = sampler.sample(model, noise, io["cond"].float(), neg_cond, keep_history=True,
+                         **manifest.get("non_tensor_args", {}), **params)
+
+    def values(x):
+        return x.feats if isinstance(x, SparseTensor) else x
+
     tol = manifest["tolerance"]
-    checks = [tensor_check("sample", out.samples, io["sample"], tol)]
+    checks = [tensor_check("sample", values(out.samples), io["sample"], tol)]
     for k in range(params["steps"]):
-        checks.append(tensor_check(f"step{k}_pred_x_t", out.pred_x_t[k], io[f"step{k}_pred_x_t"], tol))
-        checks.append(tensor_check(f"step{k}_pred_x_0", out.pred_x_0[k], io[f"step{k}_pred_x_0"], tol))
+        for name, history in (("pred_x_t", out.pred_x_t), ("pred_x_0", out.pred_x_0)):
+            key = f"step{k}_{name}"
+            if key in io:
+                checks.append(tensor_check(key, values(history[k]), io[key], tol))
     return checks
 
 
