@@ -1,5 +1,6 @@
 """Golden runners for the dense cases: the 4D sparse-structure flow (`ss_flow_4d*`), the sparse-structure
-decoder (`ss_decoder`) and the Flow-Euler sampler with guidance interval (`sampler_guidance_interval`)."""
+decoder (`ss_decoder`, logits and the occupancy -> coords rule) and the Flow-Euler samplers
+(`sampler_guidance_interval`: every step's x_t and x_0 prediction)."""
 from __future__ import annotations
 
 import re
