@@ -246,3 +246,13 @@ def test_query_chunking_off_cuda_is_exact(monkeypatch):
         monkeypatch.setattr(attention, "SCORE_ELEMENTS_OFF_CUDA", 2 * 2 * 14 * 3)  # 3 queries per chunk
         chunked = attn(x, num_frames=4), cross(x, ctx)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))
+
+
+@pytest.mark.parametrize("limit", [4 * 5 * 2, 4 * 5 * 7 * 3])  # 2 queries per call / 3 batch entries per call
+def test_sdpa_splits_batch_or_queries_exactly(monkeypatch, limit):
+    from ss4d_blender.engine.nn import attention
+
+    q, k, v = torch.randn(8, 7, 4, 6), torch.randn(8, 5, 4, 6), torch.randn(8, 5, 4, 6)
+    whole = attention.sdpa(q, k, v)
+    monkeypatch.setattr(attention, "SCORE_ELEMENTS_OFF_CUDA", limit)
+    assert torch.allclose(attention.sdpa(q, k, v), whole, atol=1e-6)

@@ -29,12 +29,17 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [B, Lq, H, D], k, v [B, Lk, H, D] -> [B, Lq, H, D]."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
     B, H, Lq, _ = q.shape
-    chunk = Lq
-    if q.device.type != "cuda":
-        chunk = max(1, SCORE_ELEMENTS_OFF_CUDA // max(1, B * H * k.shape[2]))
-    if chunk >= Lq:
+    per_query = H * k.shape[2]  # score elements of one query of one batch entry
+    if q.device.type == "cuda" or B * Lq * per_query <= SCORE_ELEMENTS_OFF_CUDA:
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(chunk, dim=2)], dim=2).transpose(1, 2)
+    queries = max(1, SCORE_ELEMENTS_OFF_CUDA // per_query)  # per call
+    if queries >= Lq:  # whole batch entries per call
+        step = queries // Lq
+        out = [F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step]) for i in range(0, B, step)]
+        return torch.cat(out).transpose(1, 2)
+    out = [torch.cat([F.scaled_dot_product_attention(qc, k[i:i + 1], v[i:i + 1]) for qc in q[i:i + 1].split(queries, dim=2)], dim=2)
+           for i in range(B)]
+    return torch.cat(out).transpose(1, 2)
 
 
 def temporal_windows(num_frames: int, window_size: int, shift: int) -> list[range]:
