@@ -88,6 +88,9 @@ def test_cfg_combination_and_interval():
     out = FlowEulerSampler(1e-5).sample(model, noise, cond, neg, steps=4, cfg_strength=w)
     assert len(model.calls) == 4 and torch.allclose(out.samples, torch.full_like(noise, -1.0))
 
+    with pytest.raises(ValueError, match="neg_cond"):
+        FlowEulerSampler(1e-5, guidance="cfg").sample(ConstantVelocity(), noise, cond, None, steps=2)
+
 
 def test_sparse_noise_keeps_coords_and_cache():
     coords = torch.tensor([[0, 1, 1, 1], [0, 2, 1, 1], [1, 0, 0, 0]], dtype=torch.int32)

@@ -74,6 +74,8 @@ class FlowEulerSampler:
                **model_kwargs) -> SamplerOutput:
         """noise: dense [B, ...] or SparseTensor; cond / neg_cond: [B or 1, L, C]; model_kwargs go to the
         model (e.g. num_frames). progress(step_done, steps) after each step (may raise Cancelled)."""
+        if self.guidance != "none" and neg_cond is None:
+            raise ValueError(f"classifier-free guidance ({self.guidance}) needs neg_cond")
         times = flow_times(steps, rescale_t)
         x = noise
         out = SamplerOutput(samples=None)
