@@ -20,8 +20,8 @@ from .layers import MultiHeadRMSNorm, RotaryPositionEmbedder
 
 
 # Off CUDA, SDPA may materialise the [B, H, Lq, Lk] score matrix (e.g. on MPS: at the released size one
-# temporal window is 8 frames x 4096 tokens, 16 heads -> 17e9 scores). Bound it by splitting the queries
-# into chunks; the result is exact.
+# temporal window is 8 frames x 4096 tokens, 16 heads -> 17e9 scores). Bound it by splitting the batch,
+# then the queries, into chunks; the result is exact.
 SCORE_ELEMENTS_OFF_CUDA = 1 << 27
 
 
