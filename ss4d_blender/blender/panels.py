@@ -1,0 +1,95 @@
+"""Sidebar panels (tab "SS4D") in the Video Sequencer and the 3D viewport."""
+from __future__ import annotations
+
+import bpy
+
+from . import frames as frame_source
+
+
+def _draw_source(layout, context):
+    scene = context.scene
+    try:
+        strip = frame_source.active_strip(scene)
+    except Exception as err:  # noqa: BLE001 - the message is what the artist needs
+        layout.label(text=str(err).split(".")[0] + ".", icon="ERROR")
+        return False
+    start, end = frame_source.strip_range(strip)
+    layout.label(text=f"{strip.name}  ({strip.type.lower()}, frames {start}-{end})", icon="SEQUENCE")
+    return True
+
+
+def _draw_settings(layout, context):
+    s = context.scene.ss4d
+    col = layout.column(align=True)
+    col.prop(s, "use_strip_range")
+    if not s.use_strip_range:
+        row = col.row(align=True)
+        row.prop(s, "frame_start")
+        row.prop(s, "frame_end")
+    col.prop(s, "num_frames")
+    box = layout.box()
+    box.prop(s, "matting")
+    if s.matting == "CHROMA":
+        box.prop(s, "key_color")
+        box.prop(s, "tolerance")
+        box.prop(s, "softness")
+    col = layout.column(align=True)
+    col.prop(s, "seed")
+    col.prop(s, "steps")
+    col.prop(s, "guidance")
+    col = layout.column(align=True)
+    col.prop(s, "target_vertices")
+    col.prop(s, "reference_frame")
+    col.prop(s, "smoothing")
+    col = layout.column(align=True)
+    col.prop(s, "height")
+    col.prop(s, "collection")
+
+
+def _draw_run(layout, context):
+    s = context.scene.ss4d
+    if s.running:
+        layout.progress(factor=s.progress, type="BAR", text=f"{s.stage} {s.progress:.0%}")
+        layout.operator("ss4d.cancel", icon="CANCEL")
+    else:
+        layout.operator("ss4d.generate", icon="PLAY")
+        obj = context.active_object
+        if obj is not None and "ss4d_result_file" in obj.keys():
+            layout.operator("ss4d.rebuild_mesh", icon="FILE_REFRESH")
+    if s.last_message:
+        layout.label(text=s.last_message, icon="INFO")
+
+
+class _SS4DPanel:
+    bl_region_type = "UI"
+    bl_category = "SS4D"
+    bl_label = "SS4D Generate 4D"
+
+    def draw(self, context):
+        layout = self.layout
+        _draw_source(layout, context)
+        _draw_settings(layout, context)
+        _draw_run(layout, context)
+
+
+class SS4D_PT_sequencer(_SS4DPanel, bpy.types.Panel):
+    bl_space_type = "SEQUENCE_EDITOR"
+    bl_idname = "SS4D_PT_sequencer"
+
+
+class SS4D_PT_view3d(_SS4DPanel, bpy.types.Panel):
+    bl_space_type = "VIEW_3D"
+    bl_idname = "SS4D_PT_view3d"
+
+
+CLASSES = (SS4D_PT_sequencer, SS4D_PT_view3d)
+
+
+def register():
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister():
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

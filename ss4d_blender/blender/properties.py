@@ -1,0 +1,55 @@
+"""Per-scene settings of the SS4D panel (`scene.ss4d`) and the state of a running job."""
+from __future__ import annotations
+
+import bpy
+from bpy.props import (BoolProperty, EnumProperty, FloatProperty, FloatVectorProperty, IntProperty,
+                       StringProperty)
+
+
+class SS4D_PG_settings(bpy.types.PropertyGroup):
+    use_strip_range: BoolProperty(name="Use Strip Range", default=True,
+                                  description="Generate from the whole range the strip shows")
+    frame_start: IntProperty(name="Start", default=1, description="First scene frame to use")
+    frame_end: IntProperty(name="End", default=32, description="Last scene frame to use")
+    num_frames: IntProperty(name="Frames", default=32, min=2, max=256,
+                            description="Frames to generate, spread evenly over the range")
+    matting: EnumProperty(name="Matting", default="ALPHA", items=[
+        ("ALPHA", "Alpha in Source", "The clip has transparency (PNG sequence, ProRes 4444, WebM with alpha)"),
+        ("CHROMA", "Chroma Key", "Remove a green / blue screen background"),
+    ])
+    key_color: FloatVectorProperty(name="Key Color", subtype="COLOR", size=3, min=0, max=1, default=(0.0, 1.0, 0.0))
+    tolerance: FloatProperty(name="Tolerance", default=0.12, min=0.0, max=0.8,
+                             description="Colours this close to the key colour become transparent")
+    softness: FloatProperty(name="Softness", default=0.08, min=0.0, max=0.5, description="Width of the soft edge")
+    seed: IntProperty(name="Seed", default=0, min=0)
+    steps: IntProperty(name="Steps", default=0, min=0, max=200, description="Sampling steps (0 = the model's default)")
+    guidance: FloatProperty(name="Guidance", default=0.0, min=0.0, max=20.0,
+                            description="Guidance strength of the structure stage (0 = the model's default)")
+    target_vertices: IntProperty(name="Vertices", default=20000, min=500, max=500000,
+                                 description="Vertex count of the animated mesh")
+    reference_frame: IntProperty(name="Reference Frame", default=-1, min=-1,
+                                 description="Generated frame that gives the topology (-1 = the most complete)")
+    smoothing: FloatProperty(name="Smoothing", default=0.0, min=0.0, max=10.0,
+                             description="Temporal smoothing of vertex trajectories (0 = off)")
+    height: FloatProperty(name="Height", default=1.8, min=0.001, unit="LENGTH", description="Object height")
+    collection: StringProperty(name="Collection", default="SS4D", description="Collection for the result")
+    # state of a running job (shown by the panels)
+    running: BoolProperty(default=False, options={"SKIP_SAVE"})
+    progress: FloatProperty(default=0.0, min=0.0, max=1.0, subtype="FACTOR", options={"SKIP_SAVE"})
+    stage: StringProperty(default="", options={"SKIP_SAVE"})
+    last_message: StringProperty(default="", options={"SKIP_SAVE"})
+
+
+CLASSES = (SS4D_PG_settings,)
+
+
+def register():
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.ss4d = bpy.props.PointerProperty(type=SS4D_PG_settings)
+
+
+def unregister():
+    del bpy.types.Scene.ss4d
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,176 @@
+"""Builds the Blender result: one mesh object whose absolute shape keys replay the generated frames.
+
+Why absolute keys: one key per generated frame on a single `eval_time` axis (key k at 10 k) and one
+F-curve (`eval_time`, linear) that maps every scene frame of the strip to the right place on that axis:
+scene frames between two generated frames interpolate linearly between their shapes, frames outside
+hold the first / last shape. Relative keys would need one F-curve per key (T curves of 0/1 keys) for
+the same result; artists can still edit individual keys (each key block is named after its scene frame).
+Key blocks use linear key interpolation, so a generated frame's shape is reproduced exactly.
+
+Coordinates: the engine's model box is Z-up; the mesh is scaled so that the object's height over the
+whole animation equals the requested height, its bottom centre at the object origin, placed at the 3D
+cursor. Everything is created in one go after the generator succeeded, and removed again if building
+fails, so the scene is never left half-modified.
+"""
+from __future__ import annotations
+
+import json
+
+import bpy
+import numpy as np
+
+COLOR_ATTRIBUTE = "Color"
+
+
+def placement(vertices: np.ndarray, height: float) -> tuple[float, np.ndarray]:
+    """vertices [T, V, 3] -> (scale, offset) so that (v - offset) * scale has its bottom centre at 0 and
+    the requested height."""
+    lo, hi = vertices.reshape(-1, 3).min(0), vertices.reshape(-1, 3).max(0)
+    extent = float(hi[2] - lo[2])
+    scale = height / extent if extent > 1e-9 else 1.0
+    offset = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]], np.float32)
+    return scale, offset
+
+
+def _set_linear(action) -> None:
+    """Linear interpolation on every key of the action (Blender 4.4+ slotted actions and older)."""
+    curves = []
+    if hasattr(action, "layers") and len(action.layers):
+        for layer in action.layers:
+            for strip in layer.strips:
+                for bag in strip.channelbags:
+                    curves.extend(bag.fcurves)
+    elif hasattr(action, "fcurves"):
+        curves.extend(action.fcurves)
+    for fc in curves:
+        for kp in fc.keyframe_points:
+            kp.interpolation = "LINEAR"
+        fc.extrapolation = "CONSTANT"
+
+
+def _material(name: str):
+    mat = bpy.data.materials.new(name)
+    if getattr(mat, "node_tree", None) is None:
+        mat.use_nodes = True
+    nodes = mat.node_tree.nodes
+    bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
+    attr = nodes.new("ShaderNodeAttribute")
+    attr.attribute_name = COLOR_ATTRIBUTE
+    attr.location = (bsdf.location[0] - 300, bsdf.location[1])
+    mat.node_tree.links.new(attr.outputs["Color"], bsdf.inputs["Base Color"])
+    bsdf.inputs["Roughness"].default_value = 0.7
+    return mat
+
+
+def build_animated_object(context, name: str, faces: np.ndarray, vertices: np.ndarray, colors,
+                          scene_frames: list[int], reference_frame: int, height: float,
+                          collection_name: str = "", properties: dict | None = None):
+    """faces int [F, 3]; vertices float [T, V, 3] (engine units, Z-up); colors [V, 3] linear or None;
+    scene_frames: the scene frame of each generated frame. Returns the new object."""
+    T, V, _ = vertices.shape
+    scale, offset = placement(vertices, height)
+    local = ((vertices - offset) * scale).astype(np.float32)
+    created = []
+    try:
+        mesh = bpy.data.meshes.new(name)
+        created.append(mesh)
+        mesh.vertices.add(V)
+        mesh.vertices.foreach_set("co", local[reference_frame].ravel())
+        mesh.loops.add(3 * len(faces))
+        mesh.loops.foreach_set("vertex_index", np.ascontiguousarray(faces, np.int32).ravel())
+        mesh.polygons.add(len(faces))
+        mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * len(faces), 3, dtype=np.int32))
+        mesh.update()
+        mesh.validate(clean_customdata=False)
+        if colors is not None and len(colors) == V:
+            attr = mesh.color_attributes.new(COLOR_ATTRIBUTE, "FLOAT_COLOR", "POINT")
+            rgba = np.concatenate([np.clip(colors, 0, None), np.ones((V, 1), np.float32)], 1).astype(np.float32)
+            attr.data.foreach_set("color", rgba.ravel())
+            mesh.color_attributes.active_color = attr
+        mat = _material(f"{name}_material")
+        created.append(mat)
+        mesh.materials.append(mat)
+        for poly in mesh.polygons:
+            poly.use_smooth = True
+
+        obj = bpy.data.objects.new(name, mesh)
+        created.append(obj)
+        obj.location = context.scene.cursor.location.copy()
+        obj.shape_key_add(name="Basis", from_mix=False)
+        for i in range(T):
+            block = obj.shape_key_add(name=f"Frame {scene_frames[i]}", from_mix=False)
+            block.data.foreach_set("co", local[i].ravel())
+            block.interpolation = "KEY_LINEAR"
+        key = mesh.shape_keys
+        created.append(key)
+        key.use_relative = False
+        for i, frame in enumerate(scene_frames):
+            key.eval_time = 10.0 * (i + 1)
+            key.keyframe_insert("eval_time", frame=frame)
+        if key.animation_data and key.animation_data.action:
+            created.append(key.animation_data.action)
+            _set_linear(key.animation_data.action)
+
+        collection = _collection(context, collection_name, created)
+        collection.objects.link(obj)
+        for k, v in (properties or {}).items():
+            obj[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        obj["ss4d_scale"] = float(scale)
+        obj["ss4d_offset"] = [float(x) for x in offset]
+        return obj
+    except Exception:
+        for block in reversed(created):
+            _remove(block)
+        raise
+
+
+def _collection(context, name: str, created: list):
+    if not name:
+        return context.scene.collection
+    collection = bpy.data.collections.get(name)
+    if collection is None:
+        collection = bpy.data.collections.new(name)
+        created.append(collection)
+        context.scene.collection.children.link(collection)
+    return collection
+
+
+def _remove(block) -> None:
+    for attr in ("objects", "meshes", "materials", "actions", "collections"):
+        data = getattr(bpy.data, attr)
+        try:
+            if block in list(data):
+                data.remove(block)
+                return
+        except (TypeError, ReferenceError):
+            pass
+
+
+def replace_animation(obj, faces, vertices, colors, scene_frames, reference_frame, height):
+    """Rebuild mesh: a new object built from a new animation takes the old one's place (same name,
+    collection, location and custom properties); the old object and its data are removed."""
+    context = bpy.context
+    props = {k: obj[k] for k in obj.keys() if k.startswith("ss4d") and k not in ("ss4d_scale", "ss4d_offset")}
+    collections = list(obj.users_collection)
+    location = obj.location.copy()
+    name = obj.name
+    new = build_animated_object(context, name + "_rebuilt", faces, vertices, colors, scene_frames, reference_frame,
+                                height, "", props)
+    context.scene.collection.objects.unlink(new)
+    for c in collections:
+        c.objects.link(new)
+    new.location = location
+    old_mesh, old_key = obj.data, obj.data.shape_keys
+    old_action = old_key.animation_data.action if old_key and old_key.animation_data else None
+    old_materials = [m for m in old_mesh.materials if m is not None]
+    bpy.data.objects.remove(obj)
+    if old_mesh.users == 0:
+        bpy.data.meshes.remove(old_mesh)
+    for m in old_materials:
+        if m.users == 0:
+            bpy.data.materials.remove(m)
+    if old_action is not None and old_action.users == 0:
+        bpy.data.actions.remove(old_action)
+    new.name = name
+    new.data.name = name
+    return new
