@@ -174,3 +174,25 @@ def replace_animation(obj, faces, vertices, colors, scene_frames, reference_fram
     new.name = name
     new.data.name = name
     return new
+
+
+def to_relative_keys(obj, scene_frames: list[int]) -> None:
+    """Converts the absolute-key animation into relative keys with one weight curve per key (for file
+    formats that only know morph-target weights, e.g. glTF). Between generated frames i and i+1 the
+    weights are (1 - s, s): the same linear blend of the two shapes as the absolute keys give."""
+    key = obj.data.shape_keys
+    if key.animation_data is not None:
+        action = key.animation_data.action
+        key.animation_data_clear()
+        if action is not None and action.users == 0:
+            bpy.data.actions.remove(action)
+    key.use_relative = True
+    blocks = key.key_blocks[1:]
+    for i, block in enumerate(blocks):
+        block.relative_key = key.key_blocks[0]
+        for j, frame in enumerate(scene_frames):
+            if abs(j - i) <= 1:
+                block.value = 1.0 if j == i else 0.0
+                block.keyframe_insert("value", frame=frame)
+    if key.animation_data and key.animation_data.action:
+        _set_linear(key.animation_data.action)
