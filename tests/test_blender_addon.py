@@ -1,0 +1,224 @@
+"""The add-on inside Blender (the `bpy` module, headless) with the tiny random-weight pipeline on the CPU:
+registration, the real Generate 4D operator on a movie strip and on an image sequence, failure paths that
+must leave the file untouched, cancel, rebuild, and the headless command (.blend, glTF, preview render)."""
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+
+import ss4d_blender  # noqa: E402
+from ss4d_blender.blender import operators, preferences, scene_build  # noqa: E402
+from ss4d_blender.engine.tiny import make_tiny_pipeline  # noqa: E402
+
+pytestmark = pytest.mark.blender
+REPO = Path(__file__).resolve().parents[1]
+DATA_KINDS = ("objects", "meshes", "materials", "images", "actions", "collections", "scenes", "movieclips",
+              "shape_keys", "node_groups", "texts", "worlds", "cameras", "lights")
+
+
+def data_snapshot():
+    state = {kind: sorted(x.name for x in getattr(bpy.data, kind)) for kind in DATA_KINDS}
+    scene = bpy.context.scene
+    state["scene"] = (scene.frame_current, scene.render.filepath, scene.view_settings.view_transform,
+                      scene.render.image_settings.color_mode, scene.render.use_sequencer,
+                      tuple(s.mute for s in scene.sequence_editor.strips_all) if scene.sequence_editor else ())
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def addon(tiny_pipeline):
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    ss4d_blender.register()
+    saved = vars(preferences.HEADLESS).copy()
+    preferences.HEADLESS.pipeline, preferences.HEADLESS.device = str(tiny_pipeline), "cpu"
+    yield
+    vars(preferences.HEADLESS).update(saved)
+    ss4d_blender.unregister()
+
+
+@pytest.fixture
+def scene(addon):
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene = bpy.context.scene
+    s = scene.ss4d
+    s.num_frames, s.target_vertices, s.matting = 4, 1200, "ALPHA"
+    return scene
+
+
+def add_movie(scene, path):
+    editor = scene.sequence_editor_create()
+    strip = editor.strips.new_movie("clip", str(path), channel=1, frame_start=1)
+    editor.active_strip = strip
+    element = strip.elements[0]
+    scene.render.resolution_x, scene.render.resolution_y = element.orig_width, element.orig_height
+    return strip
+
+
+def add_images(scene, folder, name="seq"):
+    files = sorted(Path(folder).glob("*.png"))
+    editor = scene.sequence_editor_create()
+    strip = editor.strips.new_image(name, str(files[0]), channel=1, frame_start=1)
+    for f in files[1:]:
+        strip.elements.append(f.name)
+    editor.active_strip = strip
+    scene.render.resolution_x, scene.render.resolution_y = strip.elements[0].orig_width, strip.elements[0].orig_height
+    return strip
+
+
+def test_register_unregister_leaves_nothing_behind(addon):
+    names = lambda: {n for n in dir(bpy.types) if n.startswith("SS4D")}  # noqa: E731
+    handlers = lambda: {k: len(getattr(bpy.app.handlers, k)) for k in dir(bpy.app.handlers) if not k.startswith("_") and isinstance(getattr(bpy.app.handlers, k), list)}  # noqa: E731
+    registered, handlers_on = names(), handlers()
+    assert {"SS4D_OT_generate", "SS4D_PT_sequencer", "SS4D_PT_view3d", "SS4D_PG_settings"} <= registered
+    ss4d_blender.unregister()
+    assert names() == set() and not hasattr(bpy.types.Scene, "ss4d")
+    assert handlers() == handlers_on
+    ss4d_blender.register()
+    assert names() == registered
+
+
+def test_movie_strip_with_chroma_key_end_to_end(scene, shared_dir, monkeypatch):
+    captured = {}
+    original = scene_build.build_animated_object
+
+    def capture(context, name, faces, vertices, colors, scene_frames, reference_frame, height, *a, **k):
+        captured.update(vertices=np.array(vertices), frames=list(scene_frames), height=height)
+        return original(context, name, faces, vertices, colors, scene_frames, reference_frame, height, *a, **k)
+    monkeypatch.setattr(scene_build, "build_animated_object", capture)
+    add_movie(scene, shared_dir / "samples" / "boxing_green.mp4")
+    scene.ss4d.matting = "CHROMA"
+    scene.ss4d.height = 2.0
+    assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
+    obj = bpy.data.objects["SS4D_clip"]
+    key = obj.data.shape_keys
+    frames = captured["frames"]
+    assert len(frames) == 4 and frames[0] == 1 and frames[-1] == 32  # the strip's whole range
+    assert len(key.key_blocks) == 1 + 4 and not key.use_relative
+    assert key.animation_data is not None and key.animation_data.action is not None
+    assert obj.data.materials[0] is not None and obj.data.color_attributes.get("Color") is not None
+    assert obj["ss4d_random_weights"] and json.loads(obj["ss4d_scene_frames"]) == frames
+    assert Path(obj["ss4d_result_file"]).is_file()
+    # the evaluated mesh at a generated frame equals the engine's vertices there (scaled/placed), and halfway
+    # between two generated frames it is their linear blend
+    scale, offset = obj["ss4d_scale"], np.array(obj["ss4d_offset"])
+    engine = (captured["vertices"] - offset) * scale
+    heights = engine[..., 2].max() - engine[..., 2].min()
+    assert heights == pytest.approx(2.0, rel=1e-4)
+
+    def evaluated(frame):
+        scene.frame_set(frame)
+        mesh = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh()
+        co = np.empty(len(mesh.vertices) * 3, np.float32)
+        mesh.vertices.foreach_get("co", co)
+        obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh_clear()
+        return co.reshape(-1, 3)
+    np.testing.assert_allclose(evaluated(frames[1]), engine[1], atol=1e-5)
+    np.testing.assert_allclose(evaluated(frames[3]), engine[3], atol=1e-5)
+    mid = (frames[1] + frames[2]) / 2
+    if mid == int(mid):
+        s = (mid - frames[1]) / (frames[2] - frames[1])
+        np.testing.assert_allclose(evaluated(int(mid)), (1 - s) * engine[1] + s * engine[2], atol=1e-4)
+
+
+def test_no_strip_leaves_file_unchanged(scene):
+    before = data_snapshot()
+    assert bpy.ops.ss4d.generate(synchronous=True) == {"CANCELLED"}
+    assert "No strip selected" in scene.ss4d.last_message
+    assert data_snapshot() == before
+
+
+def test_rgb_strip_without_alpha_is_refused(scene, tmp_path):
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 40 * i + 20, np.uint8), "RGB").save(tmp_path / f"f{i}.png")
+    add_images(scene, tmp_path)
+    before = data_snapshot()
+    assert bpy.ops.ss4d.generate(synchronous=True) == {"CANCELLED"}
+    assert "alpha" in scene.ss4d.last_message.lower() and "chroma" in scene.ss4d.last_message.lower()
+    assert data_snapshot() == before
+
+
+def test_cancel_during_generation_leaves_file_unchanged(scene, shared_dir):
+    add_images(scene, shared_dir / "samples" / "rose")
+    before = data_snapshot()
+
+    def cancel_when_running():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            client = operators._active["client"]
+            if client is not None and client.snapshot().stage not in ("Starting",):
+                operators.request_cancel()
+                return
+            time.sleep(0.05)
+    threading.Thread(target=cancel_when_running, daemon=True).start()
+    assert bpy.ops.ss4d.generate(synchronous=True) == {"CANCELLED"}
+    assert scene.ss4d.last_message == "Cancelled."
+    assert data_snapshot() == before
+    assert operators._active["client"] is None
+
+
+def test_rebuild_mesh_reuses_the_result(scene, shared_dir):
+    add_images(scene, shared_dir / "samples" / "rose", name="rose")
+    assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
+    obj = bpy.data.objects["SS4D_rose"]
+    first = len(obj.data.vertices)
+    bpy.context.view_layer.objects.active = obj
+    scene.ss4d.target_vertices = 600
+    assert bpy.ops.ss4d.rebuild_mesh(synchronous=True) == {"FINISHED"}
+    rebuilt = bpy.data.objects["SS4D_rose"]
+    assert len(bpy.data.objects) == 1 and len(bpy.data.meshes) == 1
+    assert len(rebuilt.data.vertices) < first
+    assert len(rebuilt.data.shape_keys.key_blocks) == 5
+
+
+def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared_dir):
+    out = tmp_path / "rose.blend"
+    glb = tmp_path / "rose.glb"
+    cmd = [sys.executable, "-m", "ss4d_blender", "generate", str(shared_dir / "samples" / "rose"), "-o", str(out),
+           "--export", str(glb), "--pipeline", str(tiny_pipeline), "--frames", "4", "--vertices", "1000",
+           "--device", "cpu", "--height", "0.5"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "random-weight" in proc.stderr
+    assert out.is_file() and glb.is_file()
+    assert (tmp_path / "rose_SS4D_rose_ss4d.safetensors").is_file()
+    # glTF keeps the 4 morph targets and animates their weights
+    data = glb.read_bytes()
+    length = int.from_bytes(data[12:16], "little")
+    gltf = json.loads(data[20:20 + length])
+    primitive = gltf["meshes"][0]["primitives"][0]
+    assert len(primitive["targets"]) == 4
+    assert any(ch["target"]["path"] == "weights" for a in gltf.get("animations", []) for ch in a["channels"])
+    # the .blend reopens with the animated object
+    check = ("import bpy, sys; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); o = bpy.data.objects['SS4D_rose']; "
+             "k = o.data.shape_keys; print(len(k.key_blocks), k.use_relative, k.animation_data.action is not None)")
+    proc = subprocess.run([sys.executable, "-c", check, str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "5 False True", proc.stderr[-2000:]
+    # the preview script renders three frames with Cycles on the CPU
+    previews = tmp_path / "preview"
+    proc = subprocess.run([sys.executable, str(REPO / "docs" / "render_preview.py"), str(out), str(previews),
+                           "--resolution", "64", "--samples", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(previews.glob("*.png"))) == 3
+
+
+def test_headless_command_unreadable_video_is_a_clear_error(tmp_path, tiny_pipeline):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video")
+    proc = subprocess.run([sys.executable, "-m", "ss4d_blender", "generate", str(bad), "-o", str(tmp_path / "x.blend"),
+                           "--pipeline", str(tiny_pipeline)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "cannot decode" in (proc.stderr + proc.stdout)
+    assert not (tmp_path / "x.blend").exists()
