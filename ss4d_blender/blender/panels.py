@@ -56,8 +56,34 @@ def _draw_run(layout, context):
         obj = context.active_object
         if obj is not None and "ss4d_result_file" in obj.keys():
             layout.operator("ss4d.rebuild_mesh", icon="FILE_REFRESH")
+            _draw_result_info(layout, obj)
     if s.last_message:
         layout.label(text=s.last_message, icon="INFO")
+
+
+_result_info_cache: dict = {}
+
+
+def result_info(path: str):
+    """Header of a result file (via the bundled safetensors wheel), cached per path; None if unreadable."""
+    if path not in _result_info_cache:
+        try:
+            from ..engine.result import read_metadata
+            _result_info_cache[path] = read_metadata(bpy.path.abspath(path))
+        except Exception:  # noqa: BLE001 - missing file or wheel: the panel just shows less
+            _result_info_cache[path] = None
+    return _result_info_cache[path]
+
+
+def _draw_result_info(layout, obj):
+    info = result_info(obj["ss4d_result_file"])
+    if info is None:
+        layout.label(text="Generation result file not found: Rebuild is unavailable.", icon="ERROR")
+        return
+    settings = info["settings"]
+    layout.label(text=f"{info['num_frames']} frames, seed {settings.get('seed', '?')}, {settings.get('device', '')}")
+    if info["is_random_weights"]:
+        layout.label(text="Random-weight test pipeline: the shape is noise.", icon="ERROR")
 
 
 class _SS4DPanel:

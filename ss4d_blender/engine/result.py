@@ -73,3 +73,15 @@ def load_result(path: Union[str, Path]) -> GenerationResult:
         return GenerationResult(num_frames=int(meta["num_frames"]), coords=get("coords"), slat_feats=get("slat_feats"),
                                 gaussians=gaussians, meshes=meshes, settings=json.loads(meta["settings"]),
                                 is_random_weights=json.loads(meta["is_random_weights"]))
+
+
+def read_metadata(path: Union[str, Path]) -> dict:
+    """The header of a result file (frame count, settings, random-weights flag) without reading arrays."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an SS4D result file")
+    return {"num_frames": int(meta["num_frames"]), "settings": json.loads(meta["settings"]),
+            "is_random_weights": json.loads(meta["is_random_weights"])}
