@@ -20,7 +20,7 @@ from . import hub
 from .errors import InputError, SS4DError
 from .memory import default_precision, out_of_memory_as_error, pick_device, should_offload
 from .pipeline import PipelineSpec, SamplingOptions, SS4DPipeline
-from .preprocess import check_frames, pad_to_even, preprocess_frames
+from .preprocess import check_frames, crop_box, pad_to_even, preprocess_frames
 from .progress import Progress
 from .result import GenerationResult, load_result  # noqa: F401 - re-exported
 from .sparse import SparseTensor
@@ -85,6 +85,7 @@ def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSetti
     progress = progress or Progress()
     started = time.perf_counter()
     check_frames(frames_rgba)
+    crop_box(frames_rgba[..., 3])  # an empty alpha fails here, before any weights are loaded
     frames, count = pad_to_even(frames_rgba)
     device = pick_device(settings.device)
     precision = default_precision(device, settings.precision)
