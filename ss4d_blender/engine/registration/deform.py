@@ -44,8 +44,9 @@ class FitSettings:
     cg_iterations: int = 25
     cg_tolerance: float = 1e-6
     converge: float = 2e-5                          # stop when no vertex moves more (× diagonal)
-    graph_converge: float = 1e-3                    # the same for a Gauss-Newton step of the graph
-    graph_nodes: int = 160                          # coarse stage: surface nodes (at most V/10)
+    graph_converge: float = 2e-4                    # the same for a Gauss-Newton step of the graph
+    graph_nodes: int = 160                          # coarse stage: surface nodes, at most
+    vertices_per_node: int = 10                     # one per this many vertices (small meshes)
     graph_iterations: int = 5                       # Gauss-Newton steps per frame
     graph_stiffness: float = 1.0                    # graph regulariser weight (scaled by V/edges)
     fine_stiffness: tuple = (1.0, 0.5)         # fine stage: λ_r schedule after the graph
@@ -104,7 +105,7 @@ class Deformer:
         lo, hi = rest.min(0).values, rest.max(0).values
         self.diag = float((hi - lo).norm()) or 1.0
         self.mean_edge = float(self.rest_length.mean()) if self.rest_length.numel() else self.diag
-        nodes = min(self.settings.graph_nodes, max(48, nv // 10))     # small meshes: fewer nodes
+        nodes = min(self.settings.graph_nodes, max(48, nv // self.settings.vertices_per_node))
         self.graph = DeformationGraph(rest, nodes, faces=faces,
                                       interior=self.settings.interior_nodes)
         if nv > self.settings.graph_vertices:

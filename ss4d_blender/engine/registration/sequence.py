@@ -69,10 +69,16 @@ def _completeness(mesh: Mesh) -> float:
     return float(area) * (1.0 - boundary)
 
 
-def choose_reference_frame(meshes: Sequence[Mesh], usable: Optional[list[bool]] = None) -> int:
+def choose_reference_frame(meshes: Sequence[Mesh], usable: Optional[list[bool]] = None,
+                           tolerance: float = 0.03) -> int:
+    """The most complete surface (area × closed share). Frames within `tolerance` of the best
+    count as equally complete; among those the one nearest the middle of the sequence wins, which
+    halves the longest chain of frame-to-frame fits (and the drift that grows along it)."""
     usable = usable or [True] * len(meshes)
-    scores = [(_completeness(m) if ok else -1.0) for m, ok in zip(meshes, usable)]
-    return int(np.argmax(scores))
+    scores = np.array([(_completeness(m) if ok else -1.0) for m, ok in zip(meshes, usable)])
+    good = np.flatnonzero(scores >= (1.0 - tolerance) * scores.max())
+    middle = 0.5 * (len(meshes) - 1)
+    return int(good[np.argmin(np.abs(good - middle))])
 
 
 def _gaussian_colors(g: GaussianSet) -> tuple[np.ndarray, np.ndarray]:
