@@ -2,8 +2,8 @@
 
 - `alpha_from_source`: the frames already carry alpha (PNG sequences, ProRes 4444, WebM with alpha);
   checks that there is transparency at all.
-- `chroma_key`: green/blue screen. A pixel's distance to the key colour is measured in the CbCr plane
-  (brightness-independent, so shadows on the screen are keyed too); alpha ramps from 0 at `tolerance` to
+- `chroma_key`: green/blue screen. A pixel's distance to the key colour is measured in the CbCr plane of the
+  colour scaled to full brightness (so shadows on the screen are keyed too); alpha ramps from 0 at `tolerance` to
   1 at `tolerance + softness`. Spill (key colour reflected onto the object) is suppressed on kept pixels by
   pulling the key channel down to the mean of the other two where it exceeds it.
 Both raise InputError when no foreground is left, with what to change.
@@ -20,8 +20,11 @@ _CR = np.array([0.5, -0.418688, -0.081312], np.float32)
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
-    """[..., 3] float 0..1 -> [..., 2] (Cb, Cr)."""
-    return np.stack([rgb @ _CB, rgb @ _CR], axis=-1)
+    """[..., 3] float 0..1 -> [..., 2] (Cb, Cr) of the colour scaled to full brightness (each pixel divided
+    by its largest channel, floored at 0.05 so near-black stays black): shadows on the screen keep the
+    screen's chroma."""
+    bright = rgb / np.maximum(rgb.max(axis=-1, keepdims=True), 0.05)
+    return np.stack([bright @ _CB, bright @ _CR], axis=-1)
 
 
 def chroma_key(frames: np.ndarray, key_color=(0.0, 1.0, 0.0), tolerance: float = 0.12, softness: float = 0.08,
