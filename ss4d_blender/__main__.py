@@ -136,7 +136,10 @@ def generate(args) -> int:
     output = args.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(output))  # so the result file lands next to it
-    result = bpy.ops.ss4d.generate(synchronous=True)
+    try:
+        result = bpy.ops.ss4d.generate(synchronous=True)
+    except RuntimeError:  # Blender raises for operators that report an error
+        result = {"CANCELLED"}
     if result != {"FINISHED"}:
         print(f"error: {s.last_message}", file=sys.stderr)
         output.unlink(missing_ok=True)

@@ -1,0 +1,145 @@
+"""`python -m ss4d_blender.engine` through subprocesses, on the tiny random-weight pipeline (CPU)."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ss4d_blender.engine.gaussians import load_ply
+from ss4d_blender.engine.mesh_io import load_mesh_ply, save_mesh_ply
+from ss4d_blender.engine.result import GenerationResult, load_result
+from ss4d_blender.engine.types import Mesh
+
+REPO = Path(__file__).resolve().parents[1]
+NOISE_WARNING = "tiny random-weight pipeline: results are noise"
+
+
+def engine(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "ss4d_blender.engine", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(out, *words):
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli") / "tiny"
+    out = engine("make-tiny-pipeline", folder)
+    assert out.returncode == 0, out.stderr
+    assert "results are noise" in out.stdout and (folder / "pipeline.json").is_file()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def generated(tiny, shared_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli_run")
+    frames = base / "frames"
+    frames.mkdir()
+    for i in (0, 3, 6, 9):
+        shutil.copy(shared_dir / "samples" / "boxing" / f"{i:02d}.png", frames / f"frame{i}.png")
+    out = engine("generate", frames, "-o", base / "out", "--pipeline", tiny, "--device", "cpu", "--seed", "1",
+                 "--steps", "1")
+    return base / "out", out
+
+
+def test_generate_writes_result_gaussians_and_meshes(generated):
+    folder, out = generated
+    assert out.returncode == 0, out.stderr
+    assert NOISE_WARNING in out.stderr
+    for stage in ("Loading models", "Encoding frames", "Sampling structure", "Sampling latents", "Decoding",
+                  "Meshing"):
+        assert stage in out.stderr  # one tqdm bar per stage
+    assert "100%" in out.stderr
+    assert "4 frames" in out.stdout and "result.safetensors" in out.stdout
+
+    result = load_result(folder / "result.safetensors")
+    assert result.num_frames == 4 and result.is_random_weights and result.settings["seed"] == 1
+    assert result.settings["steps"] == 1
+    assert sorted(p.name for p in (folder / "gaussians").iterdir()) == [f"frame_{i:03d}.ply" for i in range(4)]
+    assert sorted(p.name for p in (folder / "meshes").iterdir()) == [f"frame_{i:03d}.ply" for i in range(4)]
+    for i in range(4):
+        g = load_ply(folder / "gaussians" / f"frame_{i:03d}.ply")
+        np.testing.assert_allclose(g.xyz, result.gaussians[i].xyz, atol=1e-6)
+        np.testing.assert_allclose(g.scaling, result.gaussians[i].scaling, rtol=1e-4)
+        m = load_mesh_ply(folder / "meshes" / f"frame_{i:03d}.ply")
+        ref = result.meshes[i]
+        assert len(m.faces) > 100
+        np.testing.assert_array_equal(m.vertices, ref.vertices)
+        np.testing.assert_array_equal(m.faces, ref.faces)
+        # colours go through 8-bit sRGB: at most half a step of 1/255 in sRGB, less than 0.005 in linear
+        np.testing.assert_allclose(m.colors, ref.colors, atol=5e-3)
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, tiny, shared_dir):
+    out = engine("generate", shared_dir / "samples" / "boxing_green.mp4", "-o", tmp_path / "o")
+    assert_one_line_error(out, "is a video", "python -m ss4d_blender generate")
+    frames = tmp_path / "one"
+    frames.mkdir()
+    shutil.copy(shared_dir / "samples" / "boxing" / "00.png", frames / "00.png")
+    out = engine("generate", frames, "-o", tmp_path / "o", "--pipeline", tiny)
+    assert_one_line_error(out, "At least 2 frames")
+    out = engine("generate", shared_dir / "samples" / "boxing", "-o", tmp_path / "o", "--frames", "2",
+                 "--pipeline", tmp_path)
+    assert_one_line_error(out, "no pipeline.json")
+    assert not (tmp_path / "o").exists()  # nothing written on failure
+    out = engine("animate", tmp_path / "missing.safetensors", tmp_path / "a.npz")
+    assert_one_line_error(out, "Cannot read the result file")
+
+
+def test_animate_writes_one_mesh_through_all_frames(tmp_path):
+    from ss4d_blender.engine.registration.synthetic import make_sequence
+
+    seq = make_sequence("capsule_bend", 4, resolution=0.5, seed=2)
+    meshes = [Mesh(v.astype(np.float32) * 0.3, f.astype(np.int32), np.full((len(v), 3), 0.25, np.float32))
+              for v, f in zip(seq.vertices, seq.faces)]
+    result = GenerationResult(num_frames=4, coords=np.zeros((0, 4), np.int32), slat_feats=np.zeros((0, 8), np.float32),
+                              gaussians=[], meshes=meshes, settings={"seed": 0}, is_random_weights=False)
+    result.save(tmp_path / "result.safetensors")
+    out = engine("animate", tmp_path / "result.safetensors", tmp_path / "anim.npz", "--vertices", 300,
+                 "--reference-frame", 1, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert NOISE_WARNING not in out.stderr
+    with np.load(tmp_path / "anim.npz") as d:
+        faces, vertices, colors, fit_error = d["faces"], d["vertices"], d["colors"], d["fit_error"]
+        assert int(d["reference_frame"]) == 1
+    V = vertices.shape[1]
+    assert faces.dtype == np.int32 and faces.ndim == 2 and faces.shape[1] == 3 and faces.max() < V
+    assert vertices.shape == (4, V, 3) and vertices.dtype == np.float32 and 150 < V < 600
+    assert colors.shape == (V, 3) and np.allclose(colors, 0.25, atol=1e-3)
+    assert fit_error.shape == (4,) and np.all(fit_error < 0.01), fit_error  # capsule ~1 unit: well fitted
+
+
+def test_help_and_register_delegation():
+    out = engine("--help")
+    assert out.returncode == 0
+    for command in ("generate", "animate", "make-tiny-pipeline", "register"):
+        assert command in out.stdout
+    out = engine("register", "--help")
+    assert out.returncode == 0 and "--target-vertices" in out.stdout
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_mesh_ply_round_trip(tmp_path, binary):
+    rng = np.random.default_rng(0)
+    mesh = Mesh(rng.normal(size=(7, 3)).astype(np.float32), rng.integers(0, 7, size=(5, 3)).astype(np.int32),
+                rng.uniform(size=(7, 3)).astype(np.float32))
+    path = save_mesh_ply(tmp_path / "m.ply", mesh, binary=binary)
+    header = path.read_bytes().split(b"end_header")[0].decode()
+    assert "element vertex 7" in header and "element face 5" in header and "property uchar red" in header
+    back = load_mesh_ply(path)
+    np.testing.assert_array_equal(back.vertices, mesh.vertices)
+    np.testing.assert_array_equal(back.faces, mesh.faces)
+    np.testing.assert_allclose(back.colors, mesh.colors, atol=5e-3)
+    plain = load_mesh_ply(save_mesh_ply(tmp_path / "plain.ply", Mesh(mesh.vertices, mesh.faces), binary=binary))
+    assert plain.colors is None and len(plain.faces) == 5
+    with pytest.raises(ValueError, match="out of range"):
+        save_mesh_ply(tmp_path / "bad.ply", Mesh(mesh.vertices, mesh.faces + 7))
