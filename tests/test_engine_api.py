@@ -272,10 +272,58 @@ def test_read_frames_npz_and_other_image_modes(tmp_path):
     assert (out[0] == 200).all()
 
 
+def write_video(path, frames, codec, pix_fmt):
+    """Encodes uint8 RGBA frames [T, H, W, 4] with PyAV (the library read_frames decodes with)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=24)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgba")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def boxing_small(shared_dir):
+    files = sorted((shared_dir / "samples" / "boxing").glob("*.png"))[:6]
+    return np.stack([np.asarray(Image.open(f).convert("RGBA").resize((96, 96))) for f in files])
+
+
+@pytest.mark.parametrize("name,codec,pix_fmt", [("png.mov", "png", "rgba"), ("qtrle.mov", "qtrle", "argb"),
+                                                ("ffv1.mkv", "ffv1", "bgra")])
+def test_read_frames_lossless_videos_with_alpha(tmp_path, boxing_small, name, codec, pix_fmt):
+    path = write_video(tmp_path / name, boxing_small, codec, pix_fmt)
+    np.testing.assert_array_equal(read_frames(path), boxing_small)  # lossless: bit exact, alpha included
+    np.testing.assert_array_equal(read_frames(path, frame_indices=[5, 0]), boxing_small[[5, 0]])
+    np.testing.assert_array_equal(read_frames(path, max_frames=3), boxing_small[[0, 3, 5]])  # 2.5 rounds up
+    with pytest.raises(InputError, match="out of range"):
+        read_frames(path, frame_indices=[6])
+
+
+def test_read_frames_webm_vp9_alpha_side_channel(tmp_path, boxing_small):
+    """VP9 keeps alpha in a side channel only libvpx decodes; FFmpeg's own vp9 decoder would drop it."""
+    path = write_video(tmp_path / "clip.webm", boxing_small, "libvpx-vp9", "yuva420p")
+    out = read_frames(path)
+    assert out.shape == boxing_small.shape
+    alpha_error = np.abs(out[..., 3].astype(int) - boxing_small[..., 3]).mean()
+    assert alpha_error < 2.0, alpha_error  # lossy, but the silhouette survives
+    assert (out[..., 3] < 128).mean() > 0.3  # truly transparent background, not an opaque fallback
+    opaque = boxing_small[..., 3] > 200
+    assert np.abs(out[..., :3].astype(int) - boxing_small[..., :3])[opaque].mean() < 10
+
+
 def test_read_frames_refuses_videos_and_unmatted_images(tmp_path, shared_dir):
-    with pytest.raises(InputError) as err:
+    with pytest.raises(InputError) as err:  # H.264, no alpha: the engine does no matting
         read_frames(shared_dir / "samples" / "boxing_green.mp4")
-    assert "python -m ss4d_blender generate" in str(err.value) and "folders of RGBA frames" in str(err.value)
+    assert "no alpha channel (pixel format yuv420p)" in str(err.value)
+    assert "python -m ss4d_blender generate" in str(err.value) and "--matting chroma" in str(err.value)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(InputError, match="Cannot decode the video|no video stream|no decodable"):
+        read_frames(tmp_path / "broken.mp4")
     folder = tmp_path / "rgb"
     folder.mkdir()
     Image.new("RGB", (8, 8), (0, 255, 0)).save(folder / "00.png")

@@ -41,12 +41,16 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def generated(tiny, shared_dir, tmp_path_factory):
+    """Input: a video with alpha (PNG codec in .mov, made with PyAV from 4 boxing frames)."""
+    from PIL import Image
+
+    from test_engine_api import write_video
+
     base = tmp_path_factory.mktemp("cli_run")
-    frames = base / "frames"
-    frames.mkdir()
-    for i in (0, 3, 6, 9):
-        shutil.copy(shared_dir / "samples" / "boxing" / f"{i:02d}.png", frames / f"frame{i}.png")
-    out = engine("generate", frames, "-o", base / "out", "--pipeline", tiny, "--device", "cpu", "--seed", "1",
+    frames = np.stack([np.asarray(Image.open(shared_dir / "samples" / "boxing" / f"{i:02d}.png").convert("RGBA"))
+                       for i in (0, 3, 6, 9)])
+    video = write_video(base / "boxing_alpha.mov", frames, "png", "rgba")
+    out = engine("generate", video, "-o", base / "out", "--pipeline", tiny, "--device", "cpu", "--seed", "1",
                  "--steps", "1")
     return base / "out", out
 
@@ -81,7 +85,7 @@ def test_generate_writes_result_gaussians_and_meshes(generated):
 
 def test_user_errors_exit_2_with_one_line(tmp_path, tiny, shared_dir):
     out = engine("generate", shared_dir / "samples" / "boxing_green.mp4", "-o", tmp_path / "o")
-    assert_one_line_error(out, "is a video", "python -m ss4d_blender generate")
+    assert_one_line_error(out, "has no alpha channel", "python -m ss4d_blender generate")
     frames = tmp_path / "one"
     frames.mkdir()
     shutil.copy(shared_dir / "samples" / "boxing" / "00.png", frames / "00.png")

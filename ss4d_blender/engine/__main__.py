@@ -8,9 +8,10 @@
     python -m ss4d_blender.engine make-tiny-pipeline DIR
     python -m ss4d_blender.engine register IN OUT [...]     (see `register --help`)
 
-FRAMES is a folder of RGBA images (PNG/WebP/TIFF with alpha, natural number order) or an .npz with
-`frames` [T,H,W,4] uint8. Videos are read by the add-on's command line (`python -m ss4d_blender generate
-VIDEO`), which decodes with Blender and mattes.
+FRAMES is a video with alpha (PNG / QuickTime Animation / ProRes 4444 in .mov, FFV1 in .mkv, VP8/VP9 with
+alpha in .webm; decoded with PyAV), a folder of RGBA images (PNG/WebP/TIFF with alpha, natural number
+order) or an .npz with `frames` [T,H,W,4] uint8. The engine does no matting: videos without alpha (a usual
+.mp4) go through the add-on's command line (`python -m ss4d_blender generate VIDEO --matting chroma`).
 
 `generate` writes OUTDIR/result.safetensors (everything later steps need; `engine.result.load_result`),
 OUTDIR/gaussians/frame_XXX.ply (3D Gaussian Splatting files) and OUTDIR/meshes/frame_XXX.ply (per-frame
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="run the model on a frame folder / .npz",
                        description="Run SS4D on a folder of RGBA frames (or an .npz with 'frames').")
-    g.add_argument("input", type=Path, help="folder of RGBA frames (PNG/WebP/TIFF) or .npz with 'frames'")
+    g.add_argument("input", type=Path, help="video with alpha (.mov/.mkv/.webm), folder of RGBA frames "
+                   "(PNG/WebP/TIFF) or .npz with 'frames'")
     g.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     g.add_argument("--frames", type=int, default=None, help="use at most N frames, evenly spaced (default all)")
     g.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,17 @@
-"""Reading input frames for the engine: a folder of images with alpha, or an `.npz` with `frames`.
+"""Reading input frames for the engine: a video with alpha, a folder of images with alpha, or an `.npz`.
 
     read_frames(path, frame_indices=None, max_frames=None) -> uint8 [T, H, W, 4] straight-alpha RGBA
 
+A video (mov / mkv / webm / avi / ...): decoded with PyAV (FFmpeg's decoders in a wheel) when its pixel
+format carries alpha: PNG, QuickTime Animation (qtrle), ProRes 4444, FFV1 or uncompressed RGBA in .mov/.mkv,
+and VP8/VP9 with alpha in .webm (decoded with libvpx, which reads the alpha side channel FFmpeg's own VP9
+decoder drops). A video without alpha (a typical H.264 .mp4) is refused with a pointer to matting: the
+engine does no matting; `python -m ss4d_blender generate VIDEO --matting chroma` decodes with Blender and
+keys the background.
 A folder: every PNG / WebP / TIFF (and, to give a clear message, JPEG / BMP) in it, ordered by the
 numbers in the file names ("frame_2.png" before "frame_10.png"). Images must carry transparency (an
 alpha channel, or a palette/transparency key Pillow turns into one); images without it need matting
 first. An `.npz`: the array `frames` [T, H, W, 4] uint8.
-
-Videos are not decoded here (the engine stays free of video codecs): the engine command line reads frame
-folders, and `python -m ss4d_blender generate VIDEO` decodes videos with Blender's decoder and mattes them.
 """
 from __future__ import annotations
 
@@ -26,9 +29,12 @@ NO_ALPHA_SUFFIXES = {".jpg", ".jpeg", ".bmp"}       # listed only to say "matte 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".gif",
                   ".ogv", ".mts", ".m2ts", ".3gp"}
 
-VIDEO_MESSAGE = ("{path} is a video. The engine command line reads folders of RGBA frames (PNG/WebP/TIFF with "
-                 "alpha) or an .npz with 'frames'; to start from a video use `python -m ss4d_blender generate "
-                 "VIDEO` (Blender's video decoder and matting), or export the frames as PNG with transparency.")
+VIDEO_NO_ALPHA_MESSAGE = ("{path} has no alpha channel (pixel format {format}), so the object cannot be "
+                          "separated from its background here: the engine does no matting. Use `python -m "
+                          "ss4d_blender generate {path} --matting chroma` (Blender's decoder and a chroma key), or "
+                          "export the video with transparency (PNG/ProRes 4444 in .mov, VP9 with alpha in .webm).")
+NO_PYAV_MESSAGE = ("Reading videos needs PyAV (`pip install av`, listed in requirements.txt). Without it, give a "
+                   "folder of PNG frames with transparency, or use `python -m ss4d_blender generate {path}`.")
 MATTE_MESSAGE = ("{path} has no alpha channel (mode {mode}). SS4D needs the object separated from its "
                  "background: matte the frames first (e.g. `python -m ss4d_blender generate` with chroma key, or "
                  "any background remover) and save them as PNG with transparency.")
@@ -88,8 +94,7 @@ def _read_folder(folder: Path, frame_indices, max_frames) -> np.ndarray:
     files = frame_files(folder)
     if not files:
         videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-        hint = f" It contains video file(s) ({', '.join(videos[:3])}): " + VIDEO_MESSAGE.format(path="that") \
-            if videos else ""
+        hint = f" It contains video file(s) ({', '.join(videos[:3])}); give one of them instead." if videos else ""
         raise InputError(f"No frame images (PNG/WebP/TIFF with alpha) found in {folder}.{hint}")
     frames, first = [], None
     for i in _selection(len(files), frame_indices, max_frames, folder):
@@ -121,24 +126,89 @@ def _read_npz(path: Path, frame_indices, max_frames) -> np.ndarray:
     return np.ascontiguousarray(frames[chosen])
 
 
+def _format_has_alpha(video_format) -> bool:
+    """A decoded pixel format carries transparency: an alpha component, or a palette (GIF-like)."""
+    return video_format.has_palette or any(c.is_alpha for c in video_format.components)
+
+
+def _open_decoder(stream):
+    """The codec context to decode `stream` with. VP8/VP9 in WebM store alpha as a side channel
+    (`alpha_mode=1` in the track's metadata) that only libvpx decodes, so those use libvpx."""
+    import av
+
+    name = stream.codec_context.name
+    alpha_mode = {k.lower(): v for k, v in stream.metadata.items()}.get("alpha_mode") == "1"
+    libvpx = {"vp9": "libvpx-vp9", "vp8": "libvpx"}.get(name)
+    if alpha_mode and libvpx and libvpx in av.codecs_available:
+        context = av.CodecContext.create(libvpx, "r")
+        if stream.codec_context.extradata:
+            context.extradata = stream.codec_context.extradata
+        return context
+    return stream.codec_context
+
+
+def _decoded_frames(path: Path):
+    """Yields PyAV video frames of the first video stream of `path`, in display order."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream.")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        decoder = _open_decoder(stream)
+        for packet in container.demux(stream):
+            yield from decoder.decode(packet)  # the last (empty) packet flushes the decoder
+
+
+def _read_video(path: Path, frame_indices, max_frames) -> np.ndarray:
+    try:
+        import av  # noqa: F401
+    except ImportError as err:
+        raise InputError(NO_PYAV_MESSAGE.format(path=path)) from err
+    from av.error import FFmpegError
+
+    try:
+        total, first_format = 0, None
+        for frame in _decoded_frames(path):  # pass 1: count (decoding only: keeps memory flat)
+            first_format = first_format or frame.format
+            total += 1
+        if total == 0:
+            raise InputError(f"{path} contains no decodable video frames.")
+        if not _format_has_alpha(first_format):
+            raise InputError(VIDEO_NO_ALPHA_MESSAGE.format(path=path, format=first_format.name))
+        chosen = _selection(total, frame_indices, max_frames, path)
+        wanted = {index: [] for index in chosen}
+        for index, frame in enumerate(_decoded_frames(path)):  # pass 2: convert the chosen frames
+            if index in wanted:
+                wanted[index] = frame.to_ndarray(format="rgba")
+    except FFmpegError as err:
+        raise InputError(f"Cannot decode the video {path} ({err}). Re-export it (e.g. PNG or ProRes 4444 "
+                         f"in .mov) or as a folder of PNG frames.") from err
+    missing = [i for i in chosen if not isinstance(wanted[i], np.ndarray)]
+    if missing:
+        raise InputError(f"{path}: frame {missing[0]} could not be decoded on the second read.")
+    return np.ascontiguousarray(np.stack([wanted[i] for i in chosen]))
+
+
 def read_frames(path: Union[str, Path], frame_indices: Optional[Sequence[int]] = None,
                 max_frames: Optional[int] = None) -> np.ndarray:
-    """A frame folder or an `.npz` -> uint8 [T, H, W, 4] straight-alpha RGBA.
+    """A video with alpha, a frame folder or an `.npz` -> uint8 [T, H, W, 4] straight-alpha RGBA.
 
-    frame_indices: which frames (positions in natural file order / along the npz's first axis), default all.
+    frame_indices: which frames (decoded video frames / natural file order / the npz's first axis), default all.
     max_frames: then keep at most this many, spread evenly (first and last included).
-    Raises InputError (video file, images without alpha, different sizes, nothing to read, ...)."""
+    Raises InputError (video or images without alpha, undecodable, different sizes, nothing to read, ...)."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
-    if suffix in VIDEO_SUFFIXES:
-        raise InputError(VIDEO_MESSAGE.format(path=path))
     if not path.exists():
         raise InputError(f"Input not found: {path}")
+    if suffix in VIDEO_SUFFIXES and path.is_file():
+        return _read_video(path, frame_indices, max_frames)
     if path.is_dir():
         return _read_folder(path, frame_indices, max_frames)
     if suffix == ".npz":
         return _read_npz(path, frame_indices, max_frames)
     if suffix in IMAGE_SUFFIXES | NO_ALPHA_SUFFIXES:
         raise InputError(f"{path} is a single image; SS4D needs a sequence. Give the folder that holds the frames.")
-    raise InputError(f"Cannot read {path}: expected a folder of RGBA frames (PNG/WebP/TIFF) or an .npz with "
-                     f"'frames'.")
+    raise InputError(f"Cannot read {path}: expected a video with alpha, a folder of RGBA frames (PNG/WebP/TIFF) "
+                     f"or an .npz with 'frames'.")
