@@ -18,21 +18,27 @@ _CORNERS = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 
 
 
 class _Level:
-    """One uniform grid over the points: cells sorted by key, start/count per occupied cell."""
+    """One uniform grid over the points: occupied cells sorted by key, and their points in a padded
+    table [cells + 1, cap, 3] (unused slots and the extra last "empty" cell at +inf), so a query
+    gathers whole cells without masks."""
 
     def __init__(self, points: torch.Tensor, origin: torch.Tensor, cell: float, max_per_cell: int):
         self.cell = float(cell)
         self.origin = origin
         ijk = torch.floor((points - origin) / self.cell).long()
         self.dims = (ijk.max(0).values + 2).clamp(min=1)
-        key = self._key(ijk)
-        key_sorted, order = torch.sort(key)
-        self.order = order
-        self.points = points[order]
+        key_sorted, order = torch.sort(self._key(ijk))
         self.keys, counts = torch.unique_consecutive(key_sorted, return_counts=True)
-        self.starts = torch.cumsum(counts, 0) - counts
-        self.counts = counts
         self.cap = int(min(int(counts.max()), max_per_cell))
+        starts = torch.cumsum(counts, 0) - counts
+        cell_of = torch.repeat_interleave(torch.arange(counts.shape[0], device=points.device), counts)
+        slot = torch.arange(points.shape[0], device=points.device) - starts[cell_of]
+        keep = slot < self.cap                                   # points beyond `cap` in a cell are ignored
+        n_cells = counts.shape[0]
+        self.table = torch.full((n_cells + 1, self.cap, 3), float("inf"), dtype=points.dtype, device=points.device)
+        self.table[cell_of[keep], slot[keep]] = points[order[keep]]
+        self.index = torch.zeros((n_cells + 1, self.cap), dtype=torch.long, device=points.device)
+        self.index[cell_of[keep], slot[keep]] = order[keep]
 
     def _key(self, ijk: torch.Tensor) -> torch.Tensor:
         d = self.dims
@@ -45,30 +51,23 @@ class _Level:
         idx_out = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
         d2_out = torch.full((q.shape[0],), float("inf"), dtype=q.dtype, device=q.device)
         corners = _CORNERS.to(q.device)
-        lane = torch.arange(self.cap, device=q.device)
+        empty = self.keys.shape[0]                                          # the all-inf cell
         half2 = (0.5 * self.cell) ** 2 if exact else float("inf")
         for s in range(0, q.shape[0], chunk):
             qc = q[s:s + chunk]
-            u = (qc - self.origin) / self.cell
-            base = torch.floor(u - 0.5).long()
+            base = torch.floor((qc - self.origin) / self.cell - 0.5).long()
             cells = base[:, None, :] + corners[None]                      # [m, 8, 3]
             inside = ((cells >= 0) & (cells < self.dims)).all(-1)
             key = self._key(cells.clamp(min=0))
-            pos = torch.searchsorted(self.keys, key).clamp(max=self.keys.shape[0] - 1)
-            hit = inside & (self.keys[pos] == key)
-            start = self.starts[pos]
-            count = torch.where(hit, self.counts[pos].clamp(max=self.cap), torch.zeros_like(pos))
-            cand = start[..., None] + lane                                  # [m, 8, cap]
-            valid = lane < count[..., None]
-            cand = torch.where(valid, cand, torch.zeros_like(cand)).reshape(qc.shape[0], -1)
-            valid = valid.reshape(qc.shape[0], -1)
-            diff = self.points[cand] - qc[:, None, :]
-            d2 = (diff * diff).sum(-1).masked_fill(~valid, float("inf"))
-            best_d2, best = d2.min(1)
-            ok = torch.isfinite(best_d2) & (best_d2 <= half2)
-            best_idx = self.order[cand.gather(1, best[:, None])[:, 0]]
-            idx_out[s:s + chunk] = torch.where(ok, best_idx, torch.full_like(best_idx, -1))
-            d2_out[s:s + chunk] = torch.where(ok, best_d2, torch.full_like(best_d2, float("inf")))
+            pos = torch.searchsorted(self.keys, key).clamp(max=empty - 1)
+            pos = torch.where(inside & (self.keys[pos] == key), pos, empty).reshape(-1)
+            cand = self.table.index_select(0, pos).reshape(qc.shape[0], -1, 3)   # [m, 8·cap, 3]
+            diff = cand - qc[:, None, :]
+            best_d2, best = (diff * diff).sum(-1).min(1)
+            ok = torch.isfinite(best_d2) & (best_d2 <= half2)             # inf: nothing in the block
+            best_idx = self.index.index_select(0, pos).reshape(qc.shape[0], -1).gather(1, best[:, None])[:, 0]
+            idx_out[s:s + chunk] = torch.where(ok, best_idx, -1)
+            d2_out[s:s + chunk] = torch.where(ok, best_d2, float("inf"))
         return idx_out, d2_out
 
 
