@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="SS4D engine: frames with alpha -> 4D Gaussians and meshes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="run the model on a frame folder / .npz",
-                       description="Run SS4D on a folder of RGBA frames (or an .npz with 'frames').")
+    g = sub.add_parser("generate", help="run the model on a video with alpha / frame folder / .npz",
+                       description="Run SS4D on a video with alpha, a folder of RGBA frames or an .npz with "
+                                   "'frames'.")
     g.add_argument("input", type=Path, help="video with alpha (.mov/.mkv/.webm), folder of RGBA frames "
                    "(PNG/WebP/TIFF) or .npz with 'frames'")
     g.add_argument("-o", "--output", type=Path, required=True, help="output folder")
