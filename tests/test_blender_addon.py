@@ -140,6 +140,58 @@ def test_movie_strip_with_chroma_key_end_to_end(scene, shared_dir, monkeypatch):
         np.testing.assert_allclose(evaluated(int(mid)), (1 - s) * engine[1] + s * engine[2], atol=1e-4)
 
 
+def test_image_strip_frames_honour_trims_and_position(scene, tmp_path):
+    """Source image i has red = 20 i + 10 and a transparent left half. The strip starts at scene frame 10 and
+    is trimmed by 2 frames at the start and 1 at the end: scene frames 12..16 must show sources 2..6, alpha
+    intact, with an overlapping strip above it ignored and the scene restored afterwards."""
+    from PIL import Image
+
+    from ss4d_blender.blender import frames
+
+    for i in range(8):
+        image = np.zeros((16, 16, 4), np.uint8)
+        image[:, 8:] = (20 * i + 10, 100, 50, 255)
+        Image.fromarray(image, "RGBA").save(tmp_path / f"src_{i:02d}.png")
+    strip = add_images(scene, tmp_path)
+    strip.frame_start = 10
+    strip.frame_offset_start, strip.frame_offset_end = 2, 1
+    cover = scene.sequence_editor.strips.new_effect("cover", "COLOR", channel=2, frame_start=1, length=40)
+    cover.color = (0.0, 0.0, 1.0)
+    scene.sequence_editor.active_strip = strip
+    scene.frame_current = 3
+    assert frames.strip_range(strip) == (12, 16)
+    assert frames.pick_frames(12, 16, 3) == [12, 14, 16]
+    out = frames.extract_frames(scene, strip, [12, 14, 16])
+    assert out.shape == (3, 16, 16, 4)
+    assert out[:, :, 8:, 0].reshape(3, -1).mean(1).round().tolist() == [50, 90, 130]   # sources 2, 4, 6
+    assert (np.abs(out[:, :, 8:, 1].astype(int) - 100) <= 1).all()                     # sRGB kept as is
+    assert (out[:, :, :8, 3] == 0).all() and (out[:, :, 8:, 3] == 255).all()           # alpha kept
+    assert scene.frame_current == 3 and not cover.mute                                  # scene restored
+
+
+def test_movie_strip_frames_are_the_source_frames_blender_shows(scene, shared_dir):
+    """A trimmed movie strip: each extracted frame is closer to the source frame it should show (decoded
+    independently with PyAV) than to that frame's neighbours."""
+    import av
+
+    from ss4d_blender.blender import frames
+
+    path = shared_dir / "samples" / "boxing_green.mp4"
+    with av.open(str(path)) as container:
+        source = [f.to_ndarray(format="rgb24").astype(np.float32) for f in container.decode(video=0)]
+        fps = container.streams.video[0].average_rate
+    scene.render.fps, scene.render.fps_base = int(fps), 1.0
+    strip = add_movie(scene, path)
+    strip.frame_start, strip.frame_offset_start = 1, 5           # scene frame f shows source frame f - 1
+    assert frames.strip_range(strip)[0] == 6
+    picked = [6, 15, 24]
+    out = frames.extract_frames(scene, strip, picked)
+    for frame, image in zip(picked, out):
+        diffs = {k: float(np.abs(image[..., :3].astype(np.float32) - source[k]).mean()) for k in
+                 range(frame - 3, frame + 2)}
+        assert min(diffs, key=diffs.get) == frame - 1, diffs
+
+
 def test_no_strip_leaves_file_unchanged(scene):
     before = data_snapshot()
     message = refused()
