@@ -192,6 +192,25 @@ def test_movie_strip_frames_are_the_source_frames_blender_shows(scene, shared_di
         assert min(diffs, key=diffs.get) == frame - 1, diffs
 
 
+@pytest.mark.parametrize("name,codec,pix_fmt", [("png.mov", "png", "rgba"), ("qtrle.mov", "qtrle", "argb"),
+                                                ("prores4444.mov", "prores_ks", "yuva444p10le"),
+                                                ("vp9.webm", "libvpx-vp9", "yuva420p")])
+def test_movie_strips_with_alpha_keep_it(scene, shared_dir, tmp_path, name, codec, pix_fmt):
+    """'Alpha in source' with movie files: Blender's decoder keeps the alpha of the usual alpha codecs."""
+    from PIL import Image
+    from media import write_video
+
+    from ss4d_blender.blender import frames
+
+    files = sorted((shared_dir / "samples" / "boxing").glob("*.png"))[:6]
+    source = np.stack([np.asarray(Image.open(f).convert("RGBA").resize((96, 96))) for f in files])
+    strip = add_movie(scene, write_video(tmp_path / name, source, codec, pix_fmt))
+    scene.render.fps, scene.render.fps_base = 24, 1.0
+    out = frames.extract_frames(scene, strip, [1, 3, 6])
+    alpha_error = np.abs(out[..., 3].astype(int) - source[[0, 2, 5], ..., 3]).mean()
+    assert alpha_error < (1.0 if codec == "libvpx-vp9" else 0.01), alpha_error
+
+
 def test_no_strip_leaves_file_unchanged(scene):
     before = data_snapshot()
     message = refused()

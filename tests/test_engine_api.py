@@ -21,6 +21,8 @@ from ss4d_blender.engine.result import load_result
 from ss4d_blender.engine.tiny import make_tiny_pipeline
 from ss4d_blender.engine.video import natural_key, read_frames
 
+from media import write_video
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -270,21 +272,6 @@ def test_read_frames_npz_and_other_image_modes(tmp_path):
     out = read_frames(folder)
     assert out.shape == (2, 4, 4, 4)
     assert (out[0] == 200).all()
-
-
-def write_video(path, frames, codec, pix_fmt):
-    """Encodes uint8 RGBA frames [T, H, W, 4] with PyAV (the library read_frames decodes with)."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=24)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgba")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")

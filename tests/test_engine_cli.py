@@ -44,7 +44,7 @@ def generated(tiny, shared_dir, tmp_path_factory):
     """Input: a video with alpha (PNG codec in .mov, made with PyAV from 4 boxing frames)."""
     from PIL import Image
 
-    from test_engine_api import write_video
+    from media import write_video
 
     base = tmp_path_factory.mktemp("cli_run")
     frames = np.stack([np.asarray(Image.open(shared_dir / "samples" / "boxing" / f"{i:02d}.png").convert("RGBA"))
