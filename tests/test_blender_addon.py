@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -209,6 +210,56 @@ def test_movie_strips_with_alpha_keep_it(scene, shared_dir, tmp_path, name, code
     out = frames.extract_frames(scene, strip, [1, 3, 6])
     alpha_error = np.abs(out[..., 3].astype(int) - source[[0, 2, 5], ..., 3]).mean()
     assert alpha_error < (1.0 if codec == "libvpx-vp9" else 0.01), alpha_error
+
+
+class RecordingLayout:
+    """Stands in for a UI layout: records the labels and operators a panel draws."""
+
+    def __init__(self):
+        self.labels, self.operators = [], []
+
+    def label(self, text="", icon="NONE"):
+        self.labels.append((text, icon))
+
+    def operator(self, idname, **_):
+        self.operators.append(idname)
+
+    def progress(self, **_):
+        pass
+
+    def prop(self, *_, **__):
+        pass
+
+    def box(self):
+        return self
+
+    column = row = box
+
+
+def test_panel_says_when_weights_are_missing(scene, tmp_path, tiny_pipeline):
+    from ss4d_blender.blender import panels
+
+    saved = preferences.HEADLESS.pipeline
+    try:
+        preferences.HEADLESS.pipeline = str(tmp_path)            # a folder without pipeline.json
+        layout = RecordingLayout()
+        panels._draw_run(layout, bpy.context)
+        assert ("Weights not on disk: Preferences > Add-ons > SS4D > Download Weights", "ERROR") in layout.labels
+        assert ("SS4D: local folder has no pipeline.json", "NONE") in layout.labels
+        assert "ss4d.generate" in layout.operators
+        preferences.HEADLESS.pipeline = str(tiny_pipeline)
+        layout = RecordingLayout()
+        panels._draw_run(layout, bpy.context)
+        assert not any("Weights not on disk" in text for text, _ in layout.labels)
+        # the preferences list every source with its state
+        fake = SimpleNamespace(**{**vars(preferences.HEADLESS), "python": "", "status": ""}, layout=RecordingLayout())
+        fake.mesh_decoder = "none"
+        preferences.SS4D_AddonPreferences.draw(fake, bpy.context)
+        assert ("SS4D: local folder ready", "CHECKMARK") in fake.layout.labels
+        assert ("Mesh decoder: none (meshes from the Gaussians)", "CHECKMARK") in fake.layout.labels
+        assert "ss4d.download_weights" in fake.layout.operators
+    finally:
+        preferences.HEADLESS.pipeline = saved
 
 
 def test_no_strip_leaves_file_unchanged(scene):

@@ -233,6 +233,50 @@ def test_hub_offline_without_cache_is_a_clear_error(tmp_path):
     assert "offline" in out.stdout and "lizb6626/SS4D" in out.stdout
 
 
+def _fake_cached_repo(cache: Path, repo_id: str, files: dict, commit: str, branch: str = "main") -> None:
+    """Writes repo files in the hub cache layout huggingface_hub uses (refs/<branch> -> snapshots/<commit>)."""
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / branch).write_text(commit)
+    for name, text in files.items():
+        path = root / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_weights_status_reads_the_hub_cache_without_network(tmp_path, tiny, monkeypatch):
+    from huggingface_hub import try_to_load_from_cache
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cache = tmp_path / "cache"
+    status = hub.weights_status(hub.SS4D_REPO, None, "auto", str(cache))
+    assert [ready for ready, _ in status] == [False, False, False]
+    assert all("not downloaded yet (click Download Weights)" in line for _, line in status)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "offline: set a local folder" in hub.weights_status(hub.SS4D_REPO, None, "auto", str(cache))[0][1]
+
+    ss4d, dino, trellis = "a" * 40, "b" * 40, "c" * 40
+    _fake_cached_repo(cache, hub.SS4D_REPO, {"pipeline.json": '{"args": {}}'}, ss4d)
+    _fake_cached_repo(cache, hub.DINOV2_REPO, {"model.safetensors": "x"}, dino)
+    _fake_cached_repo(cache, hub.TRELLIS_REPO, {hub.MESH_DECODER_CKPT + ".safetensors": "x"}, trellis)
+    # our reading of the layout agrees with huggingface_hub's own
+    assert try_to_load_from_cache(hub.SS4D_REPO, "pipeline.json", cache_dir=cache) == \
+        str(hub.cached_snapshot(hub.SS4D_REPO, None, str(cache)) / "pipeline.json")
+    status = hub.weights_status(hub.SS4D_REPO, None, "auto", str(cache))
+    assert all(ready for ready, _ in status), status
+    assert status[0][1] == "SS4D: lizb6626/SS4D downloaded (commit aaaaaaa)"
+    assert "(commit ccccccc)" in status[2][1]
+    # a pinned revision that is not in the cache, and 'none' for the mesh decoder
+    status = hub.weights_status(hub.SS4D_REPO, "d" * 40, "none", str(cache))
+    assert status[0][0] is False and status[2] == (True, "Mesh decoder: none (meshes from the Gaussians)")
+
+    # a local pipeline folder (the tiny one carries its own DINOv2 and mesh decoder)
+    status = hub.weights_status(str(tiny), None, "auto", str(tmp_path / "empty"))
+    assert all(ready for ready, _ in status), status
+    assert status[0][1] == "SS4D: local folder ready" and status[2][1] == "Mesh decoder: in the SS4D folder"
+    assert hub.weights_status(str(tmp_path), None, "none", None)[0] == (False, "SS4D: local folder has no pipeline.json")
+
+
 # ------------------------------------------------------------------------------------------ frame reading
 def test_read_frames_folder_natural_order_and_selection(tmp_path):
     folder = tmp_path / "frames"

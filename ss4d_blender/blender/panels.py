@@ -4,6 +4,7 @@ from __future__ import annotations
 import bpy
 
 from . import frames as frame_source
+from . import preferences
 
 
 def _draw_source(layout, context):
@@ -52,6 +53,11 @@ def _draw_run(layout, context):
         layout.progress(factor=s.progress, type="BAR", text=f"{s.stage} {s.progress:.0%}")
         layout.operator("ss4d.cancel", icon="CANCEL")
     else:
+        missing = [line for ready, line in preferences.weights_status(preferences.get(context)) if not ready]
+        if missing:
+            layout.label(text="Weights not on disk: Preferences > Add-ons > SS4D > Download Weights", icon="ERROR")
+            for line in missing:
+                layout.label(text=line)
         layout.operator("ss4d.generate", icon="PLAY")
         obj = context.active_object
         if obj is not None and "ss4d_result_file" in obj.keys():

@@ -9,6 +9,7 @@ import bpy
 from bpy.props import EnumProperty, StringProperty
 
 from .. import runtime_env
+from ..engine import hub
 
 ADDON_ID = __package__.rsplit(".", 1)[0]
 
@@ -57,6 +58,11 @@ def get(context=None):
     return addon.preferences if addon else HEADLESS
 
 
+def weights_status(prefs) -> list[tuple[bool, str]]:
+    """Whether each weights source generation needs is on disk: [(ready, line)] (files only, no network)."""
+    return hub.weights_status(prefs.pipeline, prefs.revision, prefs.mesh_decoder, prefs.cache_dir)
+
+
 class SS4D_AddonPreferences(bpy.types.AddonPreferences):
     bl_idname = ADDON_ID
 
@@ -89,6 +95,8 @@ class SS4D_AddonPreferences(bpy.types.AddonPreferences):
         box.prop(self, "revision")
         box.prop(self, "mesh_decoder")
         box.prop(self, "cache_dir")
+        for ready, line in weights_status(self):
+            box.label(text=line, icon="CHECKMARK" if ready else "ERROR")
         row = box.row()
         row.operator("ss4d.download_weights", icon="IMPORT")
         if bpy.app.online_access is False:

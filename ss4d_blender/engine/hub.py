@@ -9,7 +9,9 @@ every result's settings, so a result always says exactly which weights made it. 
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -78,3 +80,75 @@ def require_files(folder: Path, relative: list[str], source: str) -> None:
         if not (folder / rel).is_file():
             raise WeightsError(f"{folder / rel} is missing from {source}. Download the weights again "
                                f"('Download weights' in the preferences, or run with network access once).")
+
+
+# ------------------------------------------------------------------ what is on disk (no network, no huggingface_hub)
+# Read by Blender's own Python for the preferences and the panel, which has no huggingface_hub: the cache
+# layout (`models--owner--name/refs/<branch>`, `snapshots/<commit>/...`) is read directly.
+# File whose presence means a source is complete enough to try (the loader still checks every file).
+MARKER_FILES = {SS4D_REPO: "pipeline.json", DINOV2_REPO: "model.safetensors",
+                TRELLIS_REPO: f"{MESH_DECODER_CKPT}.safetensors"}
+
+
+def hub_cache_dir(cache_dir: Optional[str] = None) -> Path:
+    """The Hugging Face hub cache folder huggingface_hub would use (cache_dir, HF_HUB_CACHE, HF_HOME)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_snapshot(repo_id: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> Optional[Path]:
+    """The cached snapshot folder of repo_id at revision (branch, tag or commit), or None."""
+    root = hub_cache_dir(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    revision = revision or PINNED_REVISIONS.get(repo_id) or "main"
+    ref = root / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = root / "snapshots" / commit
+    return snapshot if re.fullmatch(r"[0-9a-f]{40}", commit) and snapshot.is_dir() else None
+
+
+def _source_status(label: str, source: str, revision: Optional[str], cache_dir: Optional[str],
+                   marker: str) -> tuple[bool, str]:
+    if is_local(source):
+        ok = (Path(source).expanduser() / marker).is_file()
+        return ok, f"{label}: local folder " + ("ready" if ok else f"has no {marker}")
+    snapshot = cached_snapshot(source, revision, cache_dir)
+    if snapshot is not None and (snapshot / marker).is_file():
+        return True, f"{label}: {source} downloaded (commit {snapshot.name[:7]})"
+    hint = "offline: set a local folder" if offline() else "click Download Weights"
+    return False, f"{label}: {source} not downloaded yet ({hint})"
+
+
+def weights_status(pipeline: str, revision: Optional[str] = None, mesh_decoder: Optional[str] = "auto",
+                   cache_dir: Optional[str] = None) -> list[tuple[bool, str]]:
+    """What generation needs and whether it is on disk: one (ready, line) per source - the SS4D weights,
+    the DINOv2 image encoder and the mesh decoder ('auto', 'none'/'' or a repository id / folder).
+    Looks at files only (cheap enough for a panel's draw)."""
+    pipeline = pipeline or SS4D_REPO
+    lines = [_source_status("SS4D", pipeline, revision or None, cache_dir, MARKER_FILES[SS4D_REPO])]
+    args = {}
+    folder = Path(pipeline).expanduser() if is_local(pipeline) else cached_snapshot(pipeline, revision or None, cache_dir)
+    if folder is not None and (folder / "pipeline.json").is_file():
+        try:
+            args = json.loads((folder / "pipeline.json").read_text()).get("args", {})
+        except (OSError, ValueError, AttributeError):
+            args = {}
+    encoder = folder / str(args.get("image_cond_model", "")) if folder is not None and args.get("image_cond_model") else None
+    if encoder is not None and encoder.is_dir():
+        lines.append(_source_status("Image encoder", str(encoder), None, None, MARKER_FILES[DINOV2_REPO]))
+    else:
+        lines.append(_source_status("Image encoder", DINOV2_REPO, None, cache_dir, MARKER_FILES[DINOV2_REPO]))
+    choice = (mesh_decoder or "").strip()
+    if choice.lower() in ("", "none"):
+        lines.append((True, "Mesh decoder: none (meshes from the Gaussians)"))
+    elif choice == "auto" and folder is not None and args.get("mesh_decoder"):
+        ok = (folder / f"{args['mesh_decoder']}.safetensors").is_file()
+        lines.append((ok, "Mesh decoder: in the SS4D folder" + ("" if ok else " (file missing)")))
+    else:
+        source = TRELLIS_REPO if choice == "auto" else choice
+        marker = MARKER_FILES[TRELLIS_REPO]
+        lines.append(_source_status("Mesh decoder", source, None, cache_dir, marker))
+    return lines
