@@ -78,10 +78,13 @@ def add_images(scene, folder, name="seq"):
     return strip
 
 
-def refused(operator=None) -> str:
-    """Runs Generate 4D expecting a refusal; returns the message (Blender raises RuntimeError for ERROR reports)."""
+def refused(operator=None, **kwargs) -> str:
+    """Runs an operator (default: Generate 4D, synchronously) expecting a refusal; returns the message
+    (Blender raises RuntimeError for ERROR reports)."""
+    if operator is None:
+        operator, kwargs = bpy.ops.ss4d.generate, {"synchronous": True, **kwargs}
     with pytest.raises(RuntimeError) as err:
-        (operator or bpy.ops.ss4d.generate)(synchronous=True)
+        operator(**kwargs)
     return str(err.value)
 
 
@@ -260,6 +263,25 @@ def test_panel_says_when_weights_are_missing(scene, tmp_path, tiny_pipeline):
         assert "ss4d.download_weights" in fake.layout.operators
     finally:
         preferences.HEADLESS.pipeline = saved
+
+
+def test_without_online_access_nothing_touches_the_network(scene):
+    """Blender's 'Allow Online Access' off: the worker runs with HF_HUB_OFFLINE=1 and the two operators that
+    download (weights, runtime) refuse with a message, changing nothing."""
+    import os
+
+    saved = preferences.HEADLESS.online_access
+    try:
+        preferences.HEADLESS.online_access = False
+        assert operators.worker_environment(bpy.context)["HF_HUB_OFFLINE"] == "1"
+        before = data_snapshot()
+        for operator in (bpy.ops.ss4d.download_weights, bpy.ops.ss4d.install_runtime):
+            assert "Online access is disabled" in refused(operator)
+        assert data_snapshot() == before
+        preferences.HEADLESS.online_access = True
+        assert operators.worker_environment(bpy.context).get("HF_HUB_OFFLINE") == os.environ.get("HF_HUB_OFFLINE")
+    finally:
+        preferences.HEADLESS.online_access = saved
 
 
 def test_no_strip_leaves_file_unchanged(scene):

@@ -10,11 +10,13 @@ built in one go: a failure or a cancel leaves `bpy.data` as it was, and the resu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import bpy
 import numpy as np
@@ -72,6 +74,19 @@ def runtime_python(context) -> str:
     return python
 
 
+OFFLINE_MESSAGE = ("Online access is disabled in Blender (Preferences > System > Network > Allow Online Access). "
+                   "Allow it to download the weights, or set 'SS4D Weights' to a local folder.")
+
+
+def worker_environment(context) -> dict:
+    """The worker's environment: Blender's, plus HF_HUB_OFFLINE=1 when online access is not allowed, so
+    the engine never touches the network then (missing weights become a clear 'offline' error)."""
+    environment = dict(os.environ)
+    if not preferences.online_access(context):
+        environment["HF_HUB_OFFLINE"] = "1"
+    return environment
+
+
 def result_destination(obj_name: str) -> Path:
     """Where the engine result file of an object is kept: next to the .blend when it is saved."""
     if bpy.data.filepath:
@@ -116,8 +131,8 @@ class _GenerateJob:
         self.height = float(settings.height)
         self.collection = settings.collection
 
-    def start(self, python: str) -> None:
-        self.client = WorkerClient(python, self.job_dir, self.job)
+    def start(self, python: str, environment: Optional[dict] = None) -> None:
+        self.client = WorkerClient(python, self.job_dir, self.job, env=environment)
         _active["client"] = self.client
 
     def finish(self, context):
@@ -184,7 +199,7 @@ class _JobOperator:
             raise SS4DError("A generation is already running; wait for it or cancel it.")
         job = self.make_job_safely(context)
         try:
-            job.start(runtime_python(context))
+            job.start(runtime_python(context), worker_environment(context))
         except Exception:
             job.cleanup()
             raise
@@ -303,6 +318,7 @@ class _BackgroundTask(bpy.types.Operator):
 
     _thread = None
     _status = ""
+    needs_network = True
 
     def run_task(self, prefs: dict, stop: threading.Event) -> None:
         raise NotImplementedError
@@ -321,6 +337,11 @@ class _BackgroundTask(bpy.types.Operator):
         prefs_snapshot = {k: getattr(prefs, k) for k in ("pipeline", "revision", "mesh_decoder", "cache_dir",
                                                            "python", "runtime_flavour")}
         prefs_snapshot["_runtime_dir"] = str(preferences.runtime_directory())
+        prefs_snapshot["_environment"] = worker_environment(context)
+        if self.needs_network and not preferences.online_access(context):
+            preferences.get(context).status = OFFLINE_MESSAGE
+            self.report({"ERROR"}, OFFLINE_MESSAGE)
+            return {"CANCELLED"}
         self._thread = threading.Thread(target=target, daemon=True)
         self._thread.start()
         if bpy.app.background:
@@ -363,7 +384,7 @@ class SS4D_OT_download_weights(_BackgroundTask):
         settings = {"pipeline": prefs.get("pipeline") or "lizb6626/SS4D", "revision": prefs.get("revision") or None,
                     "cache_dir": bpy.path.abspath(prefs.get("cache_dir", "")) or None,
                     "mesh_decoder": None if (prefs.get("mesh_decoder") or "auto").lower() == "none" else prefs.get("mesh_decoder") or "auto"}
-        client = WorkerClient(python, job_dir, {"kind": "download", "settings": settings})
+        client = WorkerClient(python, job_dir, {"kind": "download", "settings": settings}, env=prefs["_environment"])
         while not client.snapshot().finished:
             if stop.is_set():
                 client.cancel(grace_seconds=1.0)

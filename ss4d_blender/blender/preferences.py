@@ -46,6 +46,8 @@ class HeadlessPreferences:
     python: str = ""
     runtime_flavour: str = "cpu"
     status: str = ""
+    # the headless command was started on purpose by the user: downloads follow HF_HUB_OFFLINE only
+    online_access: bool = True
 
 
 HEADLESS = HeadlessPreferences()
@@ -56,6 +58,13 @@ def get(context=None):
     context = context or bpy.context
     addon = context.preferences.addons.get(ADDON_ID)
     return addon.preferences if addon else HEADLESS
+
+
+def online_access(context=None) -> bool:
+    """May the add-on use the network? Inside Blender: the user's *Allow Online Access* setting (extensions
+    must respect it); for the headless command: `HEADLESS.online_access` (on; HF_HUB_OFFLINE still applies)."""
+    prefs = get(context)
+    return prefs.online_access if prefs is HEADLESS else bool(bpy.app.online_access)
 
 
 def weights_status(prefs) -> list[tuple[bool, str]]:
