@@ -337,11 +337,11 @@ class _BackgroundTask(bpy.types.Operator):
         prefs_snapshot = {k: getattr(prefs, k) for k in ("pipeline", "revision", "mesh_decoder", "cache_dir",
                                                            "python", "runtime_flavour")}
         prefs_snapshot["_runtime_dir"] = str(preferences.runtime_directory())
-        prefs_snapshot["_environment"] = worker_environment(context)
         if self.needs_network and not preferences.online_access(context):
             preferences.get(context).status = OFFLINE_MESSAGE
             self.report({"ERROR"}, OFFLINE_MESSAGE)
             return {"CANCELLED"}
+        prefs_snapshot["_environment"] = worker_environment(context)
         self._thread = threading.Thread(target=target, daemon=True)
         self._thread.start()
         if bpy.app.background:

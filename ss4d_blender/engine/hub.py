@@ -111,12 +111,13 @@ def cached_snapshot(repo_id: str, revision: Optional[str] = None, cache_dir: Opt
 
 
 def _source_status(label: str, source: str, revision: Optional[str], cache_dir: Optional[str],
-                   marker: str) -> tuple[bool, str]:
+                   marker: Optional[str]) -> tuple[bool, str]:
+    """marker: the file that must be there (None: any folder / cached snapshot will do)."""
     if is_local(source):
-        ok = (Path(source).expanduser() / marker).is_file()
+        ok = marker is None or (Path(source).expanduser() / marker).is_file()
         return ok, f"{label}: local folder " + ("ready" if ok else f"has no {marker}")
     snapshot = cached_snapshot(source, revision, cache_dir)
-    if snapshot is not None and (snapshot / marker).is_file():
+    if snapshot is not None and (marker is None or (snapshot / marker).is_file()):
         return True, f"{label}: {source} downloaded (commit {snapshot.name[:7]})"
     hint = "offline: set a local folder" if offline() else "click Download Weights"
     return False, f"{label}: {source} not downloaded yet ({hint})"
@@ -148,7 +149,6 @@ def weights_status(pipeline: str, revision: Optional[str] = None, mesh_decoder: 
         ok = (folder / f"{args['mesh_decoder']}.safetensors").is_file()
         lines.append((ok, "Mesh decoder: in the SS4D folder" + ("" if ok else " (file missing)")))
     else:
-        source = TRELLIS_REPO if choice == "auto" else choice
-        marker = MARKER_FILES[TRELLIS_REPO]
-        lines.append(_source_status("Mesh decoder", source, None, cache_dir, marker))
+        source = TRELLIS_REPO if choice == "auto" else choice   # another repo / folder: its layout is free
+        lines.append(_source_status("Mesh decoder", source, None, cache_dir, MARKER_FILES.get(source)))
     return lines
