@@ -1,9 +1,13 @@
 """Extension packaging and the managed runtime environment (installed from a local wheel)."""
+import json
+import os
 import subprocess
 import sys
 import tomllib
 import zipfile
 from pathlib import Path
+
+import pytest
 
 import build_addon
 from ss4d_blender import runtime_env
@@ -84,3 +88,59 @@ def test_failed_install_reports_the_log(tmp_path):
         assert "failed" in str(err) and "install.log" in str(err)
     else:
         raise AssertionError("install of a missing package succeeded")
+
+
+INSTALL_SCRIPT = r'''
+import json, sys
+import bpy
+import addon_utils
+from importlib import import_module
+out = {"install": sorted(bpy.ops.extensions.package_install_files(filepath=sys.argv[1], repo="user_default",
+                                                                    enable_on_install=True))}
+module = "bl_ext.user_default.ss4d_blender"
+out["enabled"] = bpy.context.preferences.addons.get(module) is not None
+out["operators"] = sorted(n for n in dir(bpy.types) if n.startswith("SS4D_OT"))
+prefs = import_module(module + ".blender.preferences")
+out["real_preferences"] = prefs.get() is not prefs.HEADLESS
+try:
+    bpy.ops.ss4d.download_weights()
+    out["download"] = "ran"
+except RuntimeError as err:
+    out["download"] = str(err)
+addon_utils.disable(module)
+out["after_disable"] = sorted(n for n in dir(bpy.types) if n.startswith("SS4D"))
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_extension_validates_installs_and_enables_in_blender(tmp_path):
+    """The built zip passes Blender's own extension validator, installs through Blender's extension
+    system, enables (real AddonPreferences), refuses to download with online access off (the bpy module's
+    default) and disables cleanly."""
+    import platform
+
+    import bpy
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("builds the linux-x64 package with a fake wheel; runs on Linux x86-64 only")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    fake_wheel(wheels, "safetensors", "0.8.0", "manylinux_2_17_x86_64")
+    subprocess.run([sys.executable, str(REPO / "build_addon.py"), "--platform", "linux-x64", "--wheels-dir",
+                    str(wheels), "--out", str(tmp_path / "dist")], check=True, capture_output=True)
+    package = tmp_path / "dist" / "ss4d_blender-0.1.0-linux-x64.zip"
+    validator = Path(bpy.utils.system_resource("SCRIPTS")) / "addons_core" / "bl_pkg" / "cli" / "blender_ext.py"
+    check = subprocess.run([sys.executable, str(validator), "validate", str(package)], capture_output=True, text=True)
+    assert check.returncode == 0 and "Success" in check.stdout, check.stdout + check.stderr
+
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"))
+    run = subprocess.run([sys.executable, "-c", INSTALL_SCRIPT, str(package)], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout + run.stderr
+    out = json.loads(lines[0][len("RESULT "):])
+    assert out["install"] == ["FINISHED"] and out["enabled"] and out["real_preferences"]
+    assert {"SS4D_OT_generate", "SS4D_OT_download_weights", "SS4D_OT_install_runtime"} <= set(out["operators"])
+    assert "Online access is disabled" in out["download"]
+    assert out["after_disable"] == []
+    assert (tmp_path / "blender_user" / "extensions" / "user_default" / "ss4d_blender" / "blender_manifest.toml").is_file()
