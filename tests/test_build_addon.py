@@ -1,6 +1,7 @@
 """Extension packaging and the managed runtime environment (installed from a local wheel)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -107,16 +108,32 @@ try:
     out["download"] = "ran"
 except RuntimeError as err:
     out["download"] = str(err)
+if len(sys.argv) > 2:  # Generate 4D through the installed extension, as an artist would
+    pipeline, frames = sys.argv[2], sorted(__import__("pathlib").Path(sys.argv[3]).glob("*.png"))
+    p = prefs.get()
+    p.pipeline, p.python, p.device, p.mesh_decoder = pipeline, sys.executable, "cpu", "auto"
+    scene = bpy.context.scene
+    editor = scene.sequence_editor_create()
+    strip = editor.strips.new_image("rose", str(frames[0]), channel=1, frame_start=1)
+    for f in frames[1:]:
+        strip.elements.append(f.name)
+    editor.active_strip = strip
+    scene.render.resolution_x, scene.render.resolution_y = strip.elements[0].orig_width, strip.elements[0].orig_height
+    scene.ss4d.num_frames, scene.ss4d.target_vertices, scene.ss4d.matting = 4, 1000, "ALPHA"
+    out["generate"] = sorted(bpy.ops.ss4d.generate(synchronous=True))
+    obj = next(o for o in bpy.data.objects if o.name.startswith("SS4D_"))
+    out["shape_keys"] = len(obj.data.shape_keys.key_blocks)
 addon_utils.disable(module)
 out["after_disable"] = sorted(n for n in dir(bpy.types) if n.startswith("SS4D"))
 print("RESULT " + json.dumps(out))
 '''
 
 
-def test_extension_validates_installs_and_enables_in_blender(tmp_path):
+def test_extension_validates_installs_and_enables_in_blender(tmp_path, shared_dir):
     """The built zip passes Blender's own extension validator, installs through Blender's extension
     system, enables (real AddonPreferences), refuses to download with online access off (the bpy module's
-    default) and disables cleanly."""
+    default), generates from an image strip with the tiny random-weight pipeline through the installed
+    copy (worker in a separate Python, as with the managed runtime) and disables cleanly."""
     import platform
 
     import bpy
@@ -133,14 +150,23 @@ def test_extension_validates_installs_and_enables_in_blender(tmp_path):
     check = subprocess.run([sys.executable, str(validator), "validate", str(package)], capture_output=True, text=True)
     assert check.returncode == 0 and "Success" in check.stdout, check.stdout + check.stderr
 
+    from ss4d_blender.engine.tiny import make_tiny_pipeline
+
+    pipeline = make_tiny_pipeline(tmp_path / "tiny")
+    frames = tmp_path / "rose"
+    frames.mkdir()
+    for name in sorted(p.name for p in (shared_dir / "samples" / "rose").glob("*.png"))[:4]:
+        shutil.copy(shared_dir / "samples" / "rose" / name, frames / name)
     env = dict(os.environ, BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"))
-    run = subprocess.run([sys.executable, "-c", INSTALL_SCRIPT, str(package)], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path)
+    env.pop("PYTHONPATH", None)  # the worker must run the installed copy, not this checkout
+    run = subprocess.run([sys.executable, "-c", INSTALL_SCRIPT, str(package), str(pipeline), str(frames)], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout + run.stderr
     out = json.loads(lines[0][len("RESULT "):])
     assert out["install"] == ["FINISHED"] and out["enabled"] and out["real_preferences"]
     assert {"SS4D_OT_generate", "SS4D_OT_download_weights", "SS4D_OT_install_runtime"} <= set(out["operators"])
     assert "Online access is disabled" in out["download"]
+    assert out["generate"] == ["FINISHED"] and out["shape_keys"] == 1 + 4  # basis + one per frame (noise: tiny weights)
     assert out["after_disable"] == []
     assert (tmp_path / "blender_user" / "extensions" / "user_default" / "ss4d_blender" / "blender_manifest.toml").is_file()
