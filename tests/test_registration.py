@@ -209,3 +209,13 @@ def test_cli_roundtrip(tmp_path):
     assert out["faces"].dtype == np.int32 and out["faces"].shape[1] == 3
     assert out["fit_error"].shape == (4,)
     assert main([str(tmp_path / "missing.npz"), str(dst), "--quiet"]) == 1
+
+
+def test_device_choice_never_uses_mps():
+    """Registration needs batched SVD / Cholesky, which Apple MPS lacks: 'auto' means CUDA or the CPU and an
+    explicit 'mps' (the add-on passes the generation device) runs on the CPU."""
+    from ss4d_blender.engine.registration.sequence import resolve_device
+
+    assert resolve_device("mps").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu" and resolve_device(torch.device("cpu")).type == "cpu"

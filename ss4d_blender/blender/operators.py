@@ -60,9 +60,10 @@ def _engine_settings(context) -> dict:
 
 def _animate_settings(context) -> dict:
     s = context.scene.ss4d
+    device = preferences.get(context).device   # 'auto', 'cuda:N', 'mps', 'cpu'; registration maps MPS to the CPU
     return {"target_vertices": int(s.target_vertices),
             "reference_frame": None if s.reference_frame < 0 else int(s.reference_frame),
-            "temporal_smoothing": float(s.smoothing)}
+            "temporal_smoothing": float(s.smoothing), "device": device}
 
 
 def runtime_python(context) -> str:

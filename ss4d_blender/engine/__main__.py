@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--vertices", type=int, default=20000, help="target vertex count of the animated mesh")
     a.add_argument("--reference-frame", type=int, default=None, help="frame whose topology is used (default auto)")
     a.add_argument("--smoothing", type=float, default=0.0, help="temporal smoothing of the trajectories (0..1)")
-    a.add_argument("--device", default="cpu")
+    a.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(run=cmd_animate)
 

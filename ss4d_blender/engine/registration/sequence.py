@@ -29,15 +29,12 @@ BAD_FRAME_FRACTION = 0.01      # fit error above 1% of the bounding-box diagonal
 
 
 def resolve_device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
+    """'auto' -> CUDA when available, else the CPU. Apple MPS is never chosen (nor accepted): the fit needs
+    batched SVD / Cholesky, which MPS does not implement, and its sizes run well on the CPU."""
     if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _validate(meshes: Sequence[Mesh]) -> list[bool]:
