@@ -192,6 +192,31 @@ def test_cancel_from_the_progress_callback(tiny, boxing):
         generate(frames, settings_for(tiny), progress)
 
 
+def test_out_of_memory_in_a_stage_says_what_to_lower(tiny, boxing):
+    """An accelerator OOM inside a stage (raised here from the stage's own progress report) becomes
+    DeviceOutOfMemory naming the stage and what to lower; other errors pass through unchanged."""
+    import torch
+
+    from ss4d_blender.engine.errors import DeviceOutOfMemory
+
+    frames = read_frames(boxing, frame_indices=[0, 1])
+
+    def fail_in(stage, error):
+        def callback(current, fraction):
+            if current == stage and fraction > 0:
+                raise error
+        return Progress(callback)
+
+    with pytest.raises(DeviceOutOfMemory) as err:
+        generate(frames, settings_for(tiny, mesh_decoder=None),
+                 fail_in("Sampling latents", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")))
+    message = str(err.value)
+    assert "ran out of memory while sampling latents" in message
+    assert "fewer frames" in message and "Low VRAM" in message and "lower precision" in message
+    with pytest.raises(ValueError, match="not memory"):
+        generate(frames, settings_for(tiny, mesh_decoder=None), fail_in("Sampling structure", ValueError("not memory")))
+
+
 # ------------------------------------------------------------------------------------------ result file
 def test_result_module_imports_without_torch():
     code = ("import sys; import ss4d_blender.engine.result as r; from safetensors.numpy import save_file; "
