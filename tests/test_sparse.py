@@ -107,6 +107,28 @@ def test_neighbour_maps_are_built_once_per_coordinate_set_and_reused():
     assert NEIGHBOUR_STATS["builds"] - before == 4
 
 
+@pytest.mark.parametrize("spread", [1, 100_000])  # a compact box (dense table) and far-apart clusters
+def test_dense_table_and_sorted_key_lookups_agree(monkeypatch, spread):
+    """Both ways of building a neighbour map (dense key table / searchsorted) give the same map, checked
+    against a brute-force search over all point pairs."""
+    from ss4d_blender.engine.sparse import neighbours
+
+    g = torch.Generator().manual_seed(3)
+    coords = torch.unique(torch.randint(0, 6, (300, 4), generator=g), dim=0)
+    coords[:, 1] += spread * (coords[:, 3] % 2)  # spread > 1: a box far too large for a dense table
+    points = neighbours.lattice_points(coords.int(), 2)
+    offsets = torch.cat([torch.zeros(81, 1, dtype=torch.int64), neighbours.kernel_offsets((3, 3, 3, 3))], 1)
+    auto = neighbours.build_neighbour_map(points, offsets)
+    monkeypatch.setattr(neighbours, "DENSE_TABLE_CELLS", 0)
+    sorted_keys = neighbours.build_neighbour_map(points, offsets)
+    monkeypatch.setattr(neighbours, "DENSE_TABLE_CELLS", 1 << 40)
+    table = neighbours.build_neighbour_map(points, offsets) if spread == 1 else auto
+    wanted = points[:, None, :] + offsets[None]                            # [N, K, D]
+    same = (wanted[:, :, None, :] == points[None, None]).all(-1)           # [N, K, N]
+    brute = torch.where(same.any(-1), same.int().argmax(-1), torch.full_like(same[..., 0], len(points), dtype=torch.long))
+    assert torch.equal(sorted_keys, brute) and torch.equal(table, brute) and torch.equal(auto, brute)
+
+
 def test_pool_unpool_roundtrip_and_mean_rule():
     x = SparseTensor(torch.tensor([[1.0], [3.0], [5.0]]), torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1], [0, 2, 0, 0]], dtype=torch.int32))
     down = SparseDownsample(2)(x)

@@ -6,8 +6,10 @@ convolutions (batch, x, y, z); for the 4D and 1D (temporal) convolutions (clip, 
 time is a 4th axis inside a clip and clips never see each other.
 
 Each point gets one int64 key (mixed-radix over the padded bounding box). Because the key is linear in
-the position, key(p + o) = key(p) + key(o): all K * N lookups are one `searchsorted` in the sorted keys.
-Maps are cached in the tensor's shared cache (see tensor.py); `STATS["builds"]` counts real builds.
+the position, key(p + o) = key(p) + key(o): all K * N lookups are plain indexing into a dense key -> row
+table when the box is small enough (the usual case: a 64^3 grid times the frames), otherwise one
+`searchsorted` in the sorted keys. Maps are cached in the tensor's shared cache (see tensor.py);
+`STATS["builds"]` counts real builds.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from .tensor import SparseTensor
 
 STATS = {"builds": 0}
+DENSE_TABLE_CELLS = 1 << 25   # largest box looked up through a dense table (int32: 128 MB)
 
 
 def kernel_offsets(kernel_shape: Sequence[int]) -> torch.Tensor:
@@ -52,8 +55,13 @@ def build_neighbour_map(points: torch.Tensor, offsets: torch.Tensor) -> torch.Te
     for d in range(points.shape[1] - 2, -1, -1):
         strides[d] = strides[d + 1] * span[d + 1]
     keys = ((points - low) * strides).sum(1)
+    queries = keys[:, None] + (offsets * strides).sum(1)[None, :]  # [N, K], all inside [0, prod(span))
+    cells = int(torch.prod(span))
+    if cells <= min(DENSE_TABLE_CELLS, 64 * queries.numel()):
+        table = torch.full((cells,), n, dtype=torch.int32 if n < 2 ** 31 - 1 else torch.int64, device=device)
+        table[keys] = torch.arange(n, dtype=table.dtype, device=device)
+        return table[queries].long()
     sorted_keys, order = torch.sort(keys)
-    queries = keys[:, None] + (offsets * strides).sum(1)[None, :]  # [N, K]
     pos = torch.searchsorted(sorted_keys, queries).clamp_(max=max(n - 1, 0))
     found = sorted_keys[pos] == queries
     return torch.where(found, order[pos], torch.full_like(pos, n))
