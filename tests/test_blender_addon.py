@@ -112,8 +112,13 @@ def test_movie_strip_with_chroma_key_end_to_end(scene, shared_dir, monkeypatch):
     add_movie(scene, shared_dir / "samples" / "boxing_green.mp4")
     scene.ss4d.matting = "CHROMA"
     scene.ss4d.height = 2.0
+    scene.ss4d.collection = "SS4D results"
+    scene.cursor.location = (1.0, -2.0, 0.5)
     assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
     obj = bpy.data.objects["SS4D_clip"]
+    assert tuple(obj.location) == pytest.approx((1.0, -2.0, 0.5))          # at the 3D cursor
+    assert [c.name for c in obj.users_collection] == ["SS4D results"]       # in the output collection
+    assert bpy.data.collections["SS4D results"].name in scene.collection.children
     key = obj.data.shape_keys
     frames = captured["frames"]
     assert len(frames) == 4 and frames[0] == 1 and frames[-1] == 32  # the strip's whole range
@@ -138,10 +143,11 @@ def test_movie_strip_with_chroma_key_end_to_end(scene, shared_dir, monkeypatch):
         return co.reshape(-1, 3)
     np.testing.assert_allclose(evaluated(frames[1]), engine[1], atol=1e-5)
     np.testing.assert_allclose(evaluated(frames[3]), engine[3], atol=1e-5)
-    mid = (frames[1] + frames[2]) / 2
-    if mid == int(mid):
-        s = (mid - frames[1]) / (frames[2] - frames[1])
-        np.testing.assert_allclose(evaluated(int(mid)), (1 - s) * engine[1] + s * engine[2], atol=1e-4)
+    for between in (frames[1] + 1, frames[2] - 1):  # scene frames between two generated ones: linear blend
+        s = (between - frames[1]) / (frames[2] - frames[1])
+        np.testing.assert_allclose(evaluated(between), (1 - s) * engine[1] + s * engine[2], atol=1e-4)
+    # outside the generated range the first / last shape holds
+    np.testing.assert_allclose(evaluated(frames[-1] + 5), engine[3], atol=1e-5)
 
 
 def test_image_strip_frames_honour_trims_and_position(scene, tmp_path):
