@@ -100,7 +100,10 @@ def export(path: Path, obj, scene_frames) -> None:
                                   export_apply=False)
     elif suffix == ".fbx":
         to_relative_keys(obj, scene_frames)
-        bpy.ops.export_scene.fbx(filepath=str(path), use_selection=True, bake_anim=True)
+        # one baked take over the scene range: the per-action / NLA modes skip objects whose only animation
+        # is on their shape keys, which would drop the morph weights
+        bpy.ops.export_scene.fbx(filepath=str(path), use_selection=True, bake_anim=True,
+                                 bake_anim_use_all_actions=False, bake_anim_use_nla_strips=False)
     elif suffix == ".abc":
         bpy.ops.wm.alembic_export(filepath=str(path), selected=True, start=bpy.context.scene.frame_start,
                                   end=bpy.context.scene.frame_end)

@@ -343,10 +343,10 @@ def test_rebuild_mesh_reuses_the_result(scene, shared_dir):
 
 def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared_dir):
     out = tmp_path / "rose.blend"
-    glb = tmp_path / "rose.glb"
+    glb, fbx = tmp_path / "rose.glb", tmp_path / "rose.fbx"
     cmd = [sys.executable, "-m", "ss4d_blender", "generate", str(shared_dir / "samples" / "rose"), "-o", str(out),
-           "--export", str(glb), "--pipeline", str(tiny_pipeline), "--frames", "4", "--vertices", "1000",
-           "--device", "cpu", "--height", "0.5"]
+           "--export", str(glb), "--export", str(fbx), "--pipeline", str(tiny_pipeline), "--frames", "4",
+           "--vertices", "1000", "--device", "cpu", "--height", "0.5"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "random-weight" in proc.stderr
@@ -359,6 +359,15 @@ def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared
     primitive = gltf["meshes"][0]["primitives"][0]
     assert len(primitive["targets"]) == 4
     assert any(ch["target"]["path"] == "weights" for a in gltf.get("animations", []) for ch in a["channels"])
+    # FBX keeps the 4 blend shapes and their animated weights (read back with Blender's importer)
+    check = ("import bpy, sys; bpy.ops.wm.read_factory_settings(use_empty=True); "
+             "bpy.ops.import_scene.fbx(filepath=sys.argv[1]); "
+             "o = [o for o in bpy.data.objects if o.type == 'MESH'][0]; k = o.data.shape_keys; "
+             "values = [] \nfor f in range(1, 40): bpy.context.scene.frame_set(f); values.append([b.value for b in k.key_blocks[1:]])\n"
+             "print(len(k.key_blocks), k.animation_data is not None and k.animation_data.action is not None, "
+             "max(max(v) for v in values) > 0.99, min(min(v) for v in values) < 0.01)")
+    proc = subprocess.run([sys.executable, "-c", check, str(fbx)], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "5 True True True", proc.stdout[-2000:] + proc.stderr[-2000:]
     # the .blend reopens with the animated object
     check = ("import bpy, sys; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); o = bpy.data.objects['SS4D_rose']; "
              "k = o.data.shape_keys; print(len(k.key_blocks), k.use_relative, k.animation_data.action is not None)")
