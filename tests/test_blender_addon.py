@@ -343,10 +343,10 @@ def test_rebuild_mesh_reuses_the_result(scene, shared_dir):
 
 def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared_dir):
     out = tmp_path / "rose.blend"
-    glb, fbx = tmp_path / "rose.glb", tmp_path / "rose.fbx"
+    glb, fbx, abc = tmp_path / "rose.glb", tmp_path / "rose.fbx", tmp_path / "rose.abc"
     cmd = [sys.executable, "-m", "ss4d_blender", "generate", str(shared_dir / "samples" / "rose"), "-o", str(out),
-           "--export", str(glb), "--export", str(fbx), "--pipeline", str(tiny_pipeline), "--frames", "4",
-           "--vertices", "1000", "--device", "cpu", "--height", "0.5"]
+           "--export", str(glb), "--export", str(fbx), "--export", str(abc), "--pipeline", str(tiny_pipeline),
+           "--frames", "4", "--vertices", "1000", "--device", "cpu", "--height", "0.5"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "random-weight" in proc.stderr
@@ -368,6 +368,15 @@ def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared
              "max(max(v) for v in values) > 0.99, min(min(v) for v in values) < 0.01)")
     proc = subprocess.run([sys.executable, "-c", check, str(fbx)], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip().splitlines()[-1] == "5 True True True", proc.stdout[-2000:] + proc.stderr[-2000:]
+    # Alembic bakes the vertex positions per frame: the imported mesh moves
+    check = ("import bpy, sys; bpy.ops.wm.read_factory_settings(use_empty=True); "
+             "bpy.ops.wm.alembic_import(filepath=sys.argv[1]); "
+             "o = [o for o in bpy.data.objects if o.type == 'MESH'][0]\n"
+             "def at(f):\n bpy.context.scene.frame_set(f); e = o.evaluated_get(bpy.context.evaluated_depsgraph_get()); "
+             "return [tuple(v.co) for v in e.to_mesh().vertices]\n"
+             "a, b = at(1), at(32); print(len(a) == len(b) > 0, max(abs(p - q) for u, w in zip(a, b) for p, q in zip(u, w)) > 1e-3)")
+    proc = subprocess.run([sys.executable, "-c", check, str(abc)], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "True True", proc.stdout[-2000:] + proc.stderr[-2000:]
     # the .blend reopens with the animated object
     check = ("import bpy, sys; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); o = bpy.data.objects['SS4D_rose']; "
              "k = o.data.shape_keys; print(len(k.key_blocks), k.use_relative, k.animation_data.action is not None)")
