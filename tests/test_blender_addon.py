@@ -225,7 +225,7 @@ class RecordingLayout:
     """Stands in for a UI layout: records the labels and operators a panel draws."""
 
     def __init__(self):
-        self.labels, self.operators = [], []
+        self.labels, self.operators, self.props = [], [], []
 
     def label(self, text="", icon="NONE"):
         self.labels.append((text, icon))
@@ -236,10 +236,10 @@ class RecordingLayout:
     def progress(self, **_):
         pass
 
-    def prop(self, *_, **__):
-        pass
+    def prop(self, data, name, **_):
+        self.props.append(name)
 
-    def box(self):
+    def box(self, **_):
         return self
 
     column = row = box
@@ -269,6 +269,37 @@ def test_panel_says_when_weights_are_missing(scene, tmp_path, tiny_pipeline):
         assert "ss4d.download_weights" in fake.layout.operators
     finally:
         preferences.HEADLESS.pipeline = saved
+
+
+def draw_panel(context) -> RecordingLayout:
+    from ss4d_blender.blender import panels
+
+    fake = SimpleNamespace(layout=RecordingLayout())
+    panels.SS4D_PT_sequencer.draw(fake, context)
+    return fake.layout
+
+
+def test_panel_draws_in_every_state(scene, shared_dir, tiny_pipeline):
+    """The sidebar panel: no strip -> the reason; a strip -> its name, range and every setting; chroma
+    settings only with chroma matting; after a run, Rebuild and the result's facts (random weights said)."""
+    layout = draw_panel(bpy.context)
+    assert any("No strip selected" in text and icon == "ERROR" for text, icon in layout.labels)
+    add_movie(scene, shared_dir / "samples" / "boxing_green.mp4")
+    layout = draw_panel(bpy.context)
+    assert ("clip  (movie, frames 1-32)", "SEQUENCE") in layout.labels
+    for name in ("num_frames", "matting", "seed", "steps", "guidance", "target_vertices", "reference_frame",
+                 "smoothing", "height", "collection"):
+        assert name in layout.props
+    assert "key_color" not in layout.props and "ss4d.generate" in layout.operators
+    scene.ss4d.matting = "CHROMA"
+    assert {"key_color", "tolerance", "softness"} <= set(draw_panel(bpy.context).props)
+    scene.ss4d.num_frames = 2
+    assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
+    bpy.context.view_layer.objects.active = bpy.data.objects["SS4D_clip"]
+    layout = draw_panel(bpy.context)
+    assert "ss4d.rebuild_mesh" in layout.operators
+    assert any(text.startswith("2 frames, seed") for text, _ in layout.labels)
+    assert ("Random-weight test pipeline: the shape is noise.", "ERROR") in layout.labels
 
 
 def test_without_online_access_nothing_touches_the_network(scene):
