@@ -84,7 +84,7 @@ def count_flops(fn) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--voxels", type=int, default=20000, help="active voxels per frame at 64^3")
     p.add_argument("--steps", type=int, default=25, help="sampling steps of each flow stage")

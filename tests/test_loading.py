@@ -207,3 +207,12 @@ def test_engine_never_unpickles():
     for source in engine.rglob("*.py"):
         text = source.read_text()
         assert "torch.load(" not in text and "import pickle" not in text, source
+
+
+def test_auto_precision_is_fp16_on_gpus_and_fp32_on_the_cpu():
+    """fp16 as the reference runs its blocks (bench/precision.py: ~8x closer to the fixtures than bf16)."""
+    from ss4d_blender.engine.memory import default_precision
+
+    assert default_precision(torch.device("cpu")) == "fp32"
+    assert default_precision(torch.device("cuda")) == "fp16" and default_precision(torch.device("mps")) == "fp16"
+    assert default_precision(torch.device("cuda"), "bf16") == "bf16"

@@ -77,8 +77,8 @@ class SS4D_AddonPreferences(bpy.types.AddonPreferences):
 
     device: EnumProperty(name="Device", items=_devices)
     precision: EnumProperty(name="Precision", default="auto", items=[
-        ("auto", "Auto", "bf16/fp16 on GPUs, fp32 on the CPU"), ("fp32", "fp32", ""), ("fp16", "fp16", ""),
-        ("bf16", "bf16", "")])
+        ("auto", "Auto", "fp16 on GPUs (as the reference runs), fp32 on the CPU"), ("fp32", "fp32", ""),
+        ("fp16", "fp16", ""), ("bf16", "bf16", "Wider range, less precise than fp16")])
     pipeline: StringProperty(name="SS4D Weights", default="lizb6626/SS4D",
                              description="Hugging Face repository id, or a local folder in the official layout")
     revision: StringProperty(name="Revision", default="", description="Commit or branch to pin (empty = default)")
