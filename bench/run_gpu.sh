@@ -12,6 +12,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 "$PY" bench/sparse_conv.py --device cuda 2>&1 | tee "$LOG/sparse_conv.txt"
 "$PY" bench/registration.py --device cuda 2>&1 | tee "$LOG/registration.txt"
-"$PY" bench/precision.py --device cuda 2>&1 | tee "$LOG/precision.txt"
+ tee "$LOG/precision.txt"$| tee "$LOG/precision.txt"
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 2>&1 | tee "$LOG/pipeline.txt"
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 --no-offload 2>&1 | tee "$LOG/pipeline_no_offload.txt"
