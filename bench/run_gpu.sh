@@ -3,6 +3,8 @@
 # plain `python3` holds a CUDA PyTorch; numpy, safetensors and tqdm are there too). Each benchmark prints
 # its own figures; copy them into bench/RESULTS.md with this command line. Logs go to $OUT when set.
 #   device run:  bash bench/run_gpu.sh          (about 5-8 minutes on one H100/H200)
+# precision.py reads the parity fixtures; ../shared does not travel to the device machine, so copy
+# ../shared/golden to shared/golden (git-ignored) first, or set GOLDEN.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
@@ -12,6 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 "$PY" bench/sparse_conv.py --device cuda 2>&1 | tee "$LOG/sparse_conv.txt"
 "$PY" bench/registration.py --device cuda 2>&1 | tee "$LOG/registration.txt"
- tee "$LOG/precision.txt"$| tee "$LOG/precision.txt"
+"$PY" bench/precision.py --device cuda --golden "${GOLDEN:-shared/golden}" 2>&1 | tee "$LOG/precision.txt"
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 2>&1 | tee "$LOG/pipeline.txt"
-"$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 --no-offload 2>&1 | tee "$LOG/pipeline_no_offload.txt"
+"$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 --no-offload 2>&1 \
+  | tee "$LOG/pipeline_no_offload.txt"
