@@ -41,6 +41,28 @@ def has_engine_dependencies(python: str) -> bool:
     return _CHECKED[python]
 
 
+_CUDA_PROBE = ("import json, torch; print(json.dumps([torch.cuda.get_device_name(i) for i in "
+               "range(torch.cuda.device_count())] if torch.cuda.is_available() else []))")
+
+
+def cuda_device_names(python: str, timeout: float = 60.0) -> Optional[list[str]]:
+    """Names of the CUDA devices the runtime's PyTorch sees, in its index order (what `cuda:N` means
+    to the worker); [] without CUDA; None when the runtime cannot be asked."""
+    try:
+        out = subprocess.run([python, "-c", _CUDA_PROBE], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    import json
+
+    try:
+        names = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
 def find_runtime_python(preferred: str = "", env_dir: Optional[Path] = None) -> Optional[str]:
     """The interpreter to run the engine with: the one set in the preferences, else the managed
     environment, else the current interpreter if it has the dependencies; None if there is none."""

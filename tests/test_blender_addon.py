@@ -429,3 +429,12 @@ def test_headless_command_unreadable_video_is_a_clear_error(tmp_path, tiny_pipel
     assert proc.returncode != 0
     assert "cannot decode" in (proc.stderr + proc.stdout)
     assert not (tmp_path / "x.blend").exists()
+
+
+def test_device_choices_name_the_runtime_gpus():
+    items = preferences.device_items(["NVIDIA H100 80GB HBM3", "NVIDIA RTX 4090"], platform="linux")
+    assert [i[0] for i in items] == ["auto", "cpu", "cuda:0", "cuda:1"]
+    assert items[2][1] == "CUDA 0: NVIDIA H100 80GB HBM3"
+    assert [i[0] for i in preferences.device_items([], platform="linux")] == ["auto", "cpu"]
+    assert [i[0] for i in preferences.device_items(None, platform="darwin")] == ["auto", "cpu", "mps"]
+    assert "cuda:0" in [i[0] for i in preferences.device_items(None, platform="linux")]  # not asked yet

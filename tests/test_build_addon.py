@@ -170,3 +170,18 @@ def test_extension_validates_installs_and_enables_in_blender(tmp_path, shared_di
     assert out["generate"] == ["FINISHED"] and out["shape_keys"] == 1 + 4  # basis + one per frame (noise: tiny weights)
     assert out["after_disable"] == []
     assert (tmp_path / "blender_user" / "extensions" / "user_default" / "ss4d_blender" / "blender_manifest.toml").is_file()
+
+
+def test_cuda_device_names_come_from_the_runtime(tmp_path):
+    """The device list asks the runtime's PyTorch (here: a CPU build, so no CUDA device) and copes with a
+    runtime that cannot answer."""
+    assert runtime_env.cuda_device_names(sys.executable) == []
+    fake = tmp_path / "fake_python"
+    fake.write_text("#!/bin/sh\necho '[\"NVIDIA H100 80GB HBM3\", \"NVIDIA RTX 4090\"]'\n")
+    fake.chmod(0o755)
+    assert runtime_env.cuda_device_names(str(fake)) == ["NVIDIA H100 80GB HBM3", "NVIDIA RTX 4090"]
+    broken = tmp_path / "broken_python"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    assert runtime_env.cuda_device_names(str(broken)) is None
+    assert runtime_env.cuda_device_names(str(tmp_path / "missing")) is None

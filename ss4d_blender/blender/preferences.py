@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +17,43 @@ from ..engine import hub
 ADDON_ID = __package__.rsplit(".", 1)[0]
 
 
-def _devices(self, context):
+# Blender needs the strings of dynamic enum items kept alive by Python: the items live here.
+_DEVICE_ITEMS: list = []
+# CUDA devices as the runtime's PyTorch numbers them, asked once in the background (None: not known yet)
+_cuda_names: dict = {"names": None, "probing": False, "asked_at": -1e9}
+
+
+def _probe_cuda(preferred_python: str, runtime_dir: Path) -> None:
+    """Background thread (never touches bpy): finds the runtime and asks its PyTorch for the devices."""
+    python = runtime_env.find_runtime_python(preferred_python, runtime_dir)
+    names = runtime_env.cuda_device_names(python) if python is not None else None
+    _cuda_names["names"] = names  # None (no runtime yet): asked again once one is installed
+    _cuda_names["probing"] = False
+
+
+def device_items(cuda_names, platform: str = sys.platform) -> list:
+    """Enum items: Auto, CPU, one per CUDA device (by name when the runtime has been asked, else a few
+    numbered ones), Apple MPS on macOS."""
     items = [("auto", "Auto", "CUDA if available, else Apple MPS, else CPU"), ("cpu", "CPU", "")]
-    items += [(f"cuda:{i}", f"CUDA {i}", "") for i in range(int(os.environ.get("SS4D_CUDA_DEVICES", "4")))]
-    items.append(("mps", "Apple MPS", ""))
+    if platform != "darwin":
+        if cuda_names is None:
+            count = int(os.environ.get("SS4D_CUDA_DEVICES", "4"))
+            items += [(f"cuda:{i}", f"CUDA {i}", "") for i in range(count)]
+        else:
+            items += [(f"cuda:{i}", f"CUDA {i}: {name}", name) for i, name in enumerate(cuda_names)]
+    else:
+        items.append(("mps", "Apple MPS", "The Apple GPU"))
     return items
+
+
+def _devices(self, context):
+    if (_cuda_names["names"] is None and not _cuda_names["probing"] and sys.platform != "darwin"
+            and time.monotonic() - _cuda_names["asked_at"] > 30.0):   # no runtime yet: ask again later
+        _cuda_names["probing"], _cuda_names["asked_at"] = True, time.monotonic()
+        threading.Thread(target=_probe_cuda, args=(getattr(self, "python", ""), runtime_directory()),
+                         daemon=True).start()
+    _DEVICE_ITEMS[:] = device_items(_cuda_names["names"])
+    return _DEVICE_ITEMS
 
 
 def user_directory() -> Path:
