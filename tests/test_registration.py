@@ -64,18 +64,21 @@ def _xfail(measured: str):
         "surface alone cannot tell"))
 
 
-MOTIONS = ["sphere_bend", "capsule_bend", "capsule_twist", "capsule_wave", "cylinder_bend90"]
-KNOWN_GAPS = {   # measured max over the 32 frames at this resolution (seed 1; seeds 2-3 in brackets)
-    "sphere_bend": "3.8% at the end frames (the motion ends on a perfect sphere, so every rotation "
-                   "fits the surface equally; the analytic motion's choice is a convention)",
-    "capsule_bend": "1.02% (1.05%, 1.17%)",
-    "capsule_wave": "1.8% (the wave shears cross-sections by up to 25%)",
+MOTIONS = [("sphere_bend", 1), ("capsule_bend", 1), ("capsule_bend", 2), ("capsule_bend", 3),
+           ("capsule_twist", 1), ("capsule_wave", 1), ("cylinder_bend90", 1)]
+KNOWN_GAPS = {   # measured max over the 32 frames at this resolution
+    ("sphere_bend", 1): "3.3% at the end frames (the motion ends on a perfect sphere, so every rotation "
+                        "fits the surface equally; the analytic motion's choice is a convention)",
+    ("capsule_bend", 3): "1.04% (seeds 1 and 2: 0.96%, 0.99%; the caps are surfaces of revolution about "
+                         "the bending axis, so the surface does not pin their tangential motion)",
+    ("capsule_wave", 1): "1.8% (the wave shears cross-sections by up to 25%)",
 }
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=_xfail(KNOWN_GAPS[k])) if k in KNOWN_GAPS else k
-                                  for k in MOTIONS])
-def test_analytic_motion_is_followed(kind):
-    seq = make_sequence(kind, FRAMES, resolution=RESOLUTION.get(kind, 0.5), seed=1)
+
+@pytest.mark.parametrize("kind,seed", [pytest.param(*m, marks=_xfail(KNOWN_GAPS[m])) if m in KNOWN_GAPS
+                                       else m for m in MOTIONS])
+def test_analytic_motion_is_followed(kind, seed):
+    seq = make_sequence(kind, FRAMES, resolution=RESOLUTION.get(kind, 0.5), seed=seed)
     counts = {v.shape[0] for v in seq.vertices}
     assert len(counts) > 1, "frames must be meshed independently"
     anim = register_sequence(_meshes(seq), target_vertices=100_000)

@@ -36,7 +36,7 @@ class FitSettings:
     iterations: int = 10
     stiffness: tuple = (8.0, 4.0, 2.0, 1.0, 0.5)   # λ_r per iteration (last value repeats)
     edge_weight: float = 0.5                        # λ_e relative to λ_r
-    point_weight: float = 0.1                       # μ: point-to-point share of the data term
+    point_weight: float = 0.02                      # μ: point-to-point share of the data term
     reverse_weight: float = 1.0                     # reverse term, total weight relative to forward
     normal_cos: float = 0.3                         # reject pairs whose normals disagree more
     max_distance: float = 0.1                       # reject pairs further than this × diagonal
