@@ -372,6 +372,41 @@ def test_rebuild_mesh_reuses_the_result(scene, shared_dir):
     assert len(rebuilt.data.shape_keys.key_blocks) == 5
 
 
+FBX_CHECK = """
+bpy.ops.import_scene.fbx(filepath=path)
+keys = [o for o in bpy.data.objects if o.type == "MESH"][0].data.shape_keys
+values = []
+for frame in range(1, 40):
+    bpy.context.scene.frame_set(frame)
+    values += [b.value for b in keys.key_blocks[1:]]
+animated = keys.animation_data is not None and keys.animation_data.action is not None
+print(len(keys.key_blocks), animated, max(values) > 0.99, min(values) < 0.01)
+"""
+ABC_CHECK = """
+bpy.ops.wm.alembic_import(filepath=path)
+obj = [o for o in bpy.data.objects if o.type == "MESH"][0]
+def positions(frame):
+    bpy.context.scene.frame_set(frame)
+    return [tuple(v.co) for v in obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh().vertices]
+a, b = positions(1), positions(32)
+print(len(a) == len(b) > 0, max(abs(p - q) for u, w in zip(a, b) for p, q in zip(u, w)) > 1e-3)
+"""
+BLEND_CHECK = """
+bpy.ops.wm.open_mainfile(filepath=path)
+keys = bpy.data.objects["SS4D_rose"].data.shape_keys
+print(len(keys.key_blocks), keys.use_relative, keys.animation_data.action is not None)
+"""
+
+
+def in_fresh_blender(snippet: str, path: Path) -> str:
+    """Runs a bpy snippet (with `path` set) in a new process on an empty file; returns its last line."""
+    code = "import sys, bpy\nbpy.ops.wm.read_factory_settings(use_empty=True)\npath = sys.argv[1]\n" + snippet
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return lines[-1]
+
+
 def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared_dir):
     out = tmp_path / "rose.blend"
     glb, fbx, abc = tmp_path / "rose.glb", tmp_path / "rose.fbx", tmp_path / "rose.abc"
@@ -391,28 +426,11 @@ def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared
     assert len(primitive["targets"]) == 4
     assert any(ch["target"]["path"] == "weights" for a in gltf.get("animations", []) for ch in a["channels"])
     # FBX keeps the 4 blend shapes and their animated weights (read back with Blender's importer)
-    check = ("import bpy, sys; bpy.ops.wm.read_factory_settings(use_empty=True); "
-             "bpy.ops.import_scene.fbx(filepath=sys.argv[1]); "
-             "o = [o for o in bpy.data.objects if o.type == 'MESH'][0]; k = o.data.shape_keys; "
-             "values = [] \nfor f in range(1, 40): bpy.context.scene.frame_set(f); values.append([b.value for b in k.key_blocks[1:]])\n"
-             "print(len(k.key_blocks), k.animation_data is not None and k.animation_data.action is not None, "
-             "max(max(v) for v in values) > 0.99, min(min(v) for v in values) < 0.01)")
-    proc = subprocess.run([sys.executable, "-c", check, str(fbx)], capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip().splitlines()[-1] == "5 True True True", proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert in_fresh_blender(FBX_CHECK, fbx) == "5 True True True"
     # Alembic bakes the vertex positions per frame: the imported mesh moves
-    check = ("import bpy, sys; bpy.ops.wm.read_factory_settings(use_empty=True); "
-             "bpy.ops.wm.alembic_import(filepath=sys.argv[1]); "
-             "o = [o for o in bpy.data.objects if o.type == 'MESH'][0]\n"
-             "def at(f):\n bpy.context.scene.frame_set(f); e = o.evaluated_get(bpy.context.evaluated_depsgraph_get()); "
-             "return [tuple(v.co) for v in e.to_mesh().vertices]\n"
-             "a, b = at(1), at(32); print(len(a) == len(b) > 0, max(abs(p - q) for u, w in zip(a, b) for p, q in zip(u, w)) > 1e-3)")
-    proc = subprocess.run([sys.executable, "-c", check, str(abc)], capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip().splitlines()[-1] == "True True", proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert in_fresh_blender(ABC_CHECK, abc) == "True True"
     # the .blend reopens with the animated object
-    check = ("import bpy, sys; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); o = bpy.data.objects['SS4D_rose']; "
-             "k = o.data.shape_keys; print(len(k.key_blocks), k.use_relative, k.animation_data.action is not None)")
-    proc = subprocess.run([sys.executable, "-c", check, str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip().splitlines()[-1] == "5 False True", proc.stderr[-2000:]
+    assert in_fresh_blender(BLEND_CHECK, out) == "5 False True"
     # the preview script renders three frames with Cycles on the CPU
     previews = tmp_path / "preview"
     proc = subprocess.run([sys.executable, str(REPO / "docs" / "render_preview.py"), str(out), str(previews),
