@@ -18,12 +18,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import RELEASED, count_flops, model_class  # noqa: E402
 
+from ss4d_blender.engine.sampler import flow_times  # noqa: E402
+
 
 def sampler_calls(steps: int, interval: tuple[float, float], rescale_t: float) -> int:
-    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    t = rescale_t * t / (1 + (rescale_t - 1) * t)
-    guided = ((t[:-1] >= interval[0]) & (t[:-1] <= interval[1])).sum().item()
-    return steps + int(guided)
+    """Model calls of the guidance-interval sampler: one per step, two where its time is in the interval."""
+    t = flow_times(steps, rescale_t)[:-1]   # the times the sampler evaluates the model at
+    return steps + int(((t >= interval[0]) & (t <= interval[1])).sum())
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ has the engine's dependencies.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,8 +55,6 @@ def cuda_device_names(python: str, timeout: float = 60.0) -> Optional[list[str]]
         return None
     if out.returncode != 0:
         return None
-    import json
-
     try:
         names = json.loads(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

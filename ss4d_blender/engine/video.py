@@ -178,14 +178,14 @@ def _read_video(path: Path, frame_indices, max_frames) -> np.ndarray:
         if not _format_has_alpha(first_format):
             raise InputError(VIDEO_NO_ALPHA_MESSAGE.format(path=path, format=first_format.name))
         chosen = _selection(total, frame_indices, max_frames, path)
-        wanted = {index: [] for index in chosen}
+        wanted = dict.fromkeys(chosen)
         for index, frame in enumerate(_decoded_frames(path)):  # pass 2: convert the chosen frames
             if index in wanted:
                 wanted[index] = frame.to_ndarray(format="rgba")
     except FFmpegError as err:
         raise InputError(f"Cannot decode the video {path} ({err}). Re-export it (e.g. PNG or ProRes 4444 "
                          f"in .mov) or as a folder of PNG frames.") from err
-    missing = [i for i in chosen if not isinstance(wanted[i], np.ndarray)]
+    missing = [i for i in chosen if wanted[i] is None]
     if missing:
         raise InputError(f"{path}: frame {missing[0]} could not be decoded on the second read.")
     return np.ascontiguousarray(np.stack([wanted[i] for i in chosen]))
