@@ -13,10 +13,10 @@ rotation per vertex (SVD), edge directions d_ij. Global step: the normal equatio
 symmetric positive definite system in all 3V unknowns (point-to-plane couples x, y, z), solved by
 block-Jacobi preconditioned conjugate gradients warm-started from the current positions.
 
-Coarse to fine: the same solver runs first on a coarse version of the mesh (few hundred
-vertices, stiff), whose motion (position + rotation per coarse vertex) is carried to the fine
-mesh by smooth blending (an embedded deformation graph), then on the fine mesh with the
-stiffness annealed from high to low.
+Coarse to fine: first an embedded deformation graph (a few hundred nodes, each with a rotation
+and a translation, blended smoothly onto the vertices; Gauss-Newton, see graph.py) whose
+regulariser keeps mostly the previous frame's shape; then the solver above on every vertex,
+keeping the graph result's local shape, to settle the surface onto the target.
 """
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ class FitSettings:
     fine_iterations: int = 3
     graph_vertices: int = 3000                      # vertices (random subset) driving the graph stage
     interior_nodes: bool = True                     # graph nodes inside closed volumes too
+    rest_share: float = 0.1                         # graph keeps the previous frame's shape, blended
+                                                    # with this share of the rest shape
 
 
 class Target:
@@ -231,6 +233,22 @@ class Deformer:
                 break
         return x, stats
 
+    def kept_edge_vectors(self, rot: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+        """Edge vectors [E, 3] the graph regulariser keeps, in node j's rest frame: the shape of the
+        graph state (rot, trans) — the previous frame's fit, R_jᵀ(p_k − p_j) — blended with a share
+        `rest_share` of the rest shape's g_k − g_j.
+
+        Keeping the previous frame's shape lets the strain a motion demands build up frame by frame
+        (a bend compresses its inside, a wave shears). Measured against the rest alone, that strain
+        is cheaper to undo by sliding the surface tangentially, which the data term cannot see (on the
+        synthetic bends: 0.96–1.04 % mean correspondence error instead of 0.85–0.93 %). The rest share
+        keeps per-frame noise from accumulating in the kept shape."""
+        g = self.graph
+        pos = g.nodes + trans
+        previous = torch.einsum("eba,eb->ea", rot[g.edge_j], pos[g.edge_k] - pos[g.edge_j])
+        rest = g.nodes[g.edge_k] - g.nodes[g.edge_j]
+        return self.settings.rest_share * rest + (1.0 - self.settings.rest_share) * previous
+
     def fit_coarse_to_fine(self, state: tuple, target: Target) -> tuple[torch.Tensor, tuple, dict]:
         """Graph stage (Gauss-Newton on node rotations/translations, warm-started from `state`)
         then per-vertex refinement. Returns (positions [V,3], new graph state, statistics)."""
@@ -239,11 +257,12 @@ class Deformer:
         rot, trans = state
         stiffness = s.graph_stiffness * rows.shape[0] / max(g.edge_j.shape[0], 1)
         graph_steps = 0
+        kept = self.kept_edge_vectors(rot, trans)
         for _ in range(s.graph_iterations):
             x_all = g.apply(rot, trans)
             data, rhs, _ = self.correspondences(x_all, target, rows)
             x = x_all[rows]
-            new_rot, new_trans = gd.gauss_newton_step(rot, trans, x, data, rhs, stiffness)
+            new_rot, new_trans = gd.gauss_newton_step(rot, trans, x, data, rhs, stiffness, kept)
             if not (torch.isfinite(new_rot).all() and torch.isfinite(new_trans).all()):
                 break
             step = float((gd.apply(new_rot, new_trans) - x).norm(dim=1).max())

@@ -6,8 +6,10 @@ a translation t_k. Every vertex follows its K nearest nodes with smooth weights 
     x_i = Σ_k w_ik [ R_k (v_i − g_k) + g_k + t_k ]
 
 Nodes that influence a common vertex are neighbours; the regulariser asks neighbours to agree,
-    Σ_(j,k) | R_j (g_k − g_j) + g_j + t_j − (g_k + t_k) |²,
-so the graph bends like a chain of rigid pieces. Rotations are explicit parameters, so large
+    Σ_(j,k) | R_j e_jk + g_j + t_j − (g_k + t_k) |²,
+so the graph bends like a chain of rigid pieces. e_jk is the edge vector the regulariser keeps:
+g_k − g_j for the rest shape; the registration passes mostly the previous frame's shape (see
+`Deformer.kept_edge_vectors`). Rotations are explicit parameters, so large
 rotations (a limb bending 90°) are reached in a few Gauss-Newton steps, where vertex-level
 local/global iterations only creep. The data term is the same per-vertex quadratic (blocks D_i,
 right-hand sides d_i) as the fine stage, so both stages see the same correspondences.
@@ -154,9 +156,10 @@ class DeformationGraph:
         moved = local + self.nodes[self.near] + trans[self.near]
         return (self.weights[..., None] * moved).sum(1)
 
-    def gauss_newton_step(self, rot, trans, x, data, rhs, stiffness: float, damping: float = 1e-4,
-                          max_turn: float = 0.3):
-        """One damped Gauss-Newton step on data(x) + stiffness · regulariser. Returns (rot, trans)."""
+    def gauss_newton_step(self, rot, trans, x, data, rhs, stiffness: float, kept: torch.Tensor,
+                          damping: float = 1e-4, max_turn: float = 0.3):
+        """One damped Gauss-Newton step on data(x) + stiffness · regulariser. Returns (rot, trans).
+        kept: the edge vectors e_jk [E, 3] the regulariser keeps (rest: g_k − g_j)."""
         n, dt, dev = self.num_nodes, x.dtype, x.device
         k = self.near.shape[1]
         eye = torch.eye(3, dtype=dt, device=dev)
@@ -172,9 +175,9 @@ class DeformationGraph:
         grad = torch.zeros(n, 6, dtype=dt, device=dev)
         grad.index_add_(0, self.near.reshape(-1), torch.einsum("vkab,va->vkb", jac, grad_x).reshape(-1, 6))
 
-        # regulariser residuals r = R_j (g_k − g_j) + g_j + t_j − g_k − t_k
+        # regulariser residuals r = R_j e_jk + g_j + t_j − g_k − t_k
         j, kk = self.edge_j, self.edge_k
-        b = torch.einsum("eab,eb->ea", rot[j], self.nodes[kk] - self.nodes[j])
+        b = torch.einsum("eab,eb->ea", rot[j], kept)
         res = b + self.nodes[j] + trans[j] - self.nodes[kk] - trans[kk]
         jj = torch.cat([-_skew(b), eye.expand(b.shape[:-1] + (3, 3))], -1)     # wrt node j  [E,3,6]
         jk = torch.cat([torch.zeros_like(jj[..., :3]), -eye.expand(b.shape[:-1] + (3, 3))], -1)
@@ -187,7 +190,7 @@ class DeformationGraph:
         h = hess.reshape(n, n, 6, 6).permute(0, 2, 1, 3).reshape(6 * n, 6 * n)
         g = grad.reshape(-1)
         diag = torch.diagonal(h).clone()
-        before = self.energy(rot, trans, data, rhs, stiffness)
+        before = self.energy(rot, trans, data, rhs, stiffness, kept)
         # Levenberg-Marquardt: accept only steps that lower the (fixed-correspondence) energy
         for attempt in range(6):
             lm = damping * 10.0 ** attempt
@@ -202,15 +205,15 @@ class DeformationGraph:
                 step = step * (max_turn / turn)
             new_rot = rodrigues(step[:, :3]) @ rot
             new_trans = trans + step[:, 3:]
-            if self.energy(new_rot, new_trans, data, rhs, stiffness) <= before:
+            if self.energy(new_rot, new_trans, data, rhs, stiffness, kept) <= before:
                 return new_rot, new_trans
         return rot, trans
 
-    def energy(self, rot, trans, data, rhs, stiffness: float) -> float:
+    def energy(self, rot, trans, data, rhs, stiffness: float, kept: torch.Tensor) -> float:
         """Data quadratic (correspondences held fixed, constant dropped) + stiffness · regulariser."""
         x = self.apply(rot, trans)
         e_data = (torch.einsum("vab,vb->va", data, x) * x).sum() - 2.0 * (rhs * x).sum()
         j, k = self.edge_j, self.edge_k
-        res = (torch.einsum("eab,eb->ea", rot[j], self.nodes[k] - self.nodes[j]) + self.nodes[j] + trans[j]
+        res = (torch.einsum("eab,eb->ea", rot[j], kept) + self.nodes[j] + trans[j]
                - self.nodes[k] - trans[k])
         return float(e_data + stiffness * (res * res).sum())
