@@ -18,7 +18,9 @@ import torch
 from ss4d_blender.engine.errors import Cancelled, InputError
 from ss4d_blender.engine.progress import Progress
 from ss4d_blender.engine.registration import register_sequence, smooth_trajectories
+from ss4d_blender.engine.registration.deform import Deformer, FitSettings
 from ss4d_blender.engine.registration.geometry import SurfaceDistance
+from ss4d_blender.engine.registration.graph import rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
 from ss4d_blender.engine.registration.synthetic import make_sequence
 from ss4d_blender.engine.types import Mesh
@@ -111,6 +113,28 @@ def test_strong_shape_change_is_survived_and_reported():
     # early frames (small change) still fit tightly
     assert (anim.fit_error[:8] / seq.diagonal).max() < 0.005
     print("flower fit error (% of diagonal):", np.round(100 * anim.fit_error / seq.diagonal, 2))
+
+
+def test_graph_keeps_the_previous_frames_shape_blended_with_the_rest():
+    """The regulariser's kept edge vectors: the rest's for the identity state, unchanged by a rigid
+    motion of the whole graph, and for a deformed state the blend rest_share · rest + the rest share
+    of the deformed shape (seen from each edge's first node)."""
+    seq = make_sequence("capsule_bend", 1, resolution=0.3, seed=1)
+    rest = torch.from_numpy(seq.vertices[0]).double()
+    deformer = Deformer(rest, torch.from_numpy(seq.faces[0].astype(np.int64)), FitSettings(rest_share=0.25))
+    g = deformer.graph
+    rest_edges = g.nodes[g.edge_k] - g.nodes[g.edge_j]
+    rot, trans = g.identity_state()
+    assert torch.allclose(deformer.kept_edge_vectors(rot, trans), rest_edges, atol=1e-12)
+    turn = rodrigues(torch.tensor([0.3, -1.1, 0.7], dtype=torch.float64))
+    moved = g.nodes @ turn.T + torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    rigid = (turn.expand(g.num_nodes, 3, 3).clone(), moved - g.nodes)
+    assert torch.allclose(deformer.kept_edge_vectors(*rigid), rest_edges, atol=1e-12)
+    stretched = torch.diag(torch.tensor([1.0, 1.0, 1.5], dtype=torch.float64))
+    positions = g.nodes @ stretched.T
+    deformed = (rot, positions - g.nodes)
+    expected = 0.25 * rest_edges + 0.75 * (positions[g.edge_k] - positions[g.edge_j])
+    assert torch.allclose(deformer.kept_edge_vectors(*deformed), expected, atol=1e-12)
 
 
 def test_grid_nearest_neighbour_is_exact():

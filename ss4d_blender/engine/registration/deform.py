@@ -241,7 +241,7 @@ class Deformer:
         Keeping the previous frame's shape lets the strain a motion demands build up frame by frame
         (a bend compresses its inside, a wave shears). Measured against the rest alone, that strain
         is cheaper to undo by sliding the surface tangentially, which the data term cannot see (on the
-        synthetic bends: 0.96–1.04 % mean correspondence error instead of 0.85–0.93 %). The rest share
+        synthetic bends: 0.96–1.04 % mean correspondence error instead of 0.85–0.92 %). The rest share
         keeps per-frame noise from accumulating in the kept shape."""
         g = self.graph
         pos = g.nodes + trans
