@@ -118,6 +118,7 @@ def generate(args) -> int:
 
     from . import register
     from .blender import preferences
+    from .engine.types import poor_fit_message
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.context.preferences.filepaths.save_version = 0  # no .blend1 backups from the batch tool
@@ -153,6 +154,8 @@ def generate(args) -> int:
           f"{len(obj.data.shape_keys.key_blocks) - 1} shape keys; result file {obj['ss4d_result_file']})")
     if obj.get("ss4d_random_weights"):
         print("warning: made with the tiny random-weight pipeline: the result is noise", file=sys.stderr)
+    if json.loads(obj["ss4d_bad_frames"]):
+        print(f"warning: {poor_fit_message(json.loads(obj['ss4d_bad_frames']))}", file=sys.stderr)
     for path in args.export:
         export(path.resolve(), obj, json.loads(obj["ss4d_scene_frames"]))
         print(f"exported {path}")

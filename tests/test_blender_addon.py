@@ -363,13 +363,47 @@ def test_rebuild_mesh_reuses_the_result(scene, shared_dir):
     assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
     obj = bpy.data.objects["SS4D_rose"]
     first = len(obj.data.vertices)
-    bpy.context.view_layer.objects.active = obj
+    # a new object is selected and active, as anything Blender adds
+    assert bpy.context.view_layer.objects.active == obj and bpy.context.selected_objects == [obj]
     scene.ss4d.target_vertices = 600
     assert bpy.ops.ss4d.rebuild_mesh(synchronous=True) == {"FINISHED"}
     rebuilt = bpy.data.objects["SS4D_rose"]
     assert len(bpy.data.objects) == 1 and len(bpy.data.meshes) == 1
     assert len(rebuilt.data.vertices) < first
     assert len(rebuilt.data.shape_keys.key_blocks) == 5
+    # it takes the old object's place in the selection too
+    assert bpy.context.view_layer.objects.active == rebuilt and rebuilt.select_get()
+
+
+
+def test_frames_that_fit_poorly_are_named_on_the_timeline(scene, shared_dir):
+    """Registration's bad frames reach the artist: the message after Rebuild Mesh, the panel and the
+    object's properties name them by timeline frame; the fit errors are the new run's. The result file
+    is replaced by a clean synthetic sequence whose third frame is a far-away, small other shape."""
+    from ss4d_blender.blender import panels
+    from ss4d_blender.engine.registration.synthetic import make_sequence
+    from ss4d_blender.engine.result import load_result
+    from ss4d_blender.engine.types import Mesh
+
+    add_images(scene, shared_dir / "samples" / "rose", name="rose")
+    assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
+    obj = bpy.data.objects["SS4D_rose"]
+    timeline = json.loads(obj["ss4d_scene_frames"])
+    path = Path(bpy.path.abspath(obj["ss4d_result_file"]))
+    result = load_result(path)
+    seq = make_sequence("capsule_bend", result.num_frames, resolution=0.3, seed=1)
+    result.meshes = [Mesh(v, f) for v, f in zip(seq.vertices, seq.faces)]
+    result.meshes[2] = Mesh(seq.vertices[2] * 0.2 + np.float32([3, 0, 0]), seq.faces[2])
+    result.save(path)
+    panels._result_info_cache.clear()
+    bpy.context.view_layer.objects.active = obj
+    assert bpy.ops.ss4d.rebuild_mesh(synchronous=True) == {"FINISHED"}
+    obj = bpy.data.objects["SS4D_rose"]
+    assert json.loads(obj["ss4d_bad_frames"]) == [timeline[2]]
+    errors = json.loads(obj["ss4d_fit_error"])
+    assert errors[2] > 0.01 * seq.diagonal and max(errors[:2] + errors[3:]) < 0.005 * seq.diagonal
+    assert f"Frame {timeline[2]}: the mesh could not follow" in scene.ss4d.last_message
+    assert (f"Poor fit at frame {timeline[2]}", "ERROR") in draw_panel(bpy.context).labels
 
 
 FBX_CHECK = """

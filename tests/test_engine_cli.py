@@ -120,6 +120,14 @@ def test_animate_writes_one_mesh_through_all_frames(tmp_path):
     assert vertices.shape == (4, V, 3) and vertices.dtype == np.float32 and 150 < V < 600
     assert colors.shape == (V, 3) and np.allclose(colors, 0.25, atol=1e-3)
     assert fit_error.shape == (4,) and np.all(fit_error < 0.01), fit_error  # capsule ~1 unit: well fitted
+    assert "could not follow" not in out.stderr
+    # a frame the mesh cannot follow (something else entirely, far away) is named, not hidden
+    result.meshes[3] = Mesh(meshes[3].vertices * 0.2 + np.float32([3, 0, 0]), meshes[3].faces)
+    result.save(tmp_path / "result.safetensors")
+    out = engine("animate", tmp_path / "result.safetensors", tmp_path / "anim.npz", "--vertices", 300,
+                 "--reference-frame", 1, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "WARNING: Frame 3: the mesh could not follow" in out.stderr, out.stderr
 
 
 def test_help_and_register_delegation():

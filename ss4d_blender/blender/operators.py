@@ -25,6 +25,7 @@ from bpy.props import BoolProperty
 from .. import runtime_env
 from ..engine.errors import InputError, SS4DError
 from ..engine.matting import alpha_from_source, chroma_key
+from ..engine.types import poor_fit_message
 from ..engine.worker import WorkerClient
 from . import frames as frame_source
 from . import preferences, scene_build
@@ -142,17 +143,29 @@ class _GenerateJob:
         data = np.load(state.done["animation"])
         colors = data["colors"] if len(data["colors"]) else None
         reference = int(data["reference_frame"])
+        # how well the mesh follows each frame, on the timeline's frame numbers (a rebuild replaces them)
+        quality = {"ss4d_fit_error": [float(x) for x in data["fit_error"]],
+                   "ss4d_bad_frames": [int(self.scene_frames[i]) for i in data["bad_frames"]]}
         if self.kind == "animate":
-            return scene_build.replace_animation(self.target_object, data["faces"], data["vertices"], colors,
-                                                 self.scene_frames, reference, self.height)
+            obj = scene_build.replace_animation(self.target_object, data["faces"], data["vertices"], colors,
+                                                self.scene_frames, reference, self.height)
+            for key, value in quality.items():
+                obj[key] = json.dumps(value)      # lists are stored as JSON, as build_animated_object does
+            return obj
         name = f"SS4D_{self.strip_name}" if self.strip_name else "SS4D"
         settings = state.done.get("settings", {})
         props = {"ss4d_settings": settings, "ss4d_seed": int(settings.get("seed", 0)),
                  "ss4d_scene_frames": self.scene_frames, "ss4d_strip": self.strip_name,
-                 "ss4d_fit_error": [float(x) for x in data["fit_error"]],
-                 "ss4d_random_weights": bool(state.done.get("is_random_weights", False))}
+                 "ss4d_random_weights": bool(state.done.get("is_random_weights", False)), **quality}
         obj = scene_build.build_animated_object(context, name, data["faces"], data["vertices"], colors,
                                                 self.scene_frames, reference, self.height, self.collection, props)
+        for other in context.selected_objects:              # like anything Blender adds: selected, active
+            other.select_set(False)
+        try:
+            obj.select_set(True)
+            context.view_layer.objects.active = obj
+        except RuntimeError:                                # its collection is excluded from the view layer
+            pass
         destination = result_destination(obj.name)
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(state.done["result"], destination)
@@ -215,10 +228,13 @@ class _JobOperator:
                 _report_state(context, "", 0.0, False, message)
                 return {"CANCELLED"}
             obj = job.finish(context)
-            for warning in state.warnings:
+            poor_fit = poor_fit_message(json.loads(obj["ss4d_bad_frames"]))
+            for warning in state.warnings + ([poor_fit] if poor_fit else []):
                 self.report({"WARNING"}, warning)
             message = f"Created '{obj.name}' with {len(obj.data.shape_keys.key_blocks) - 1} shape keys."
             self.report({"INFO"}, message)
+            if poor_fit:
+                message += " " + poor_fit
             _report_state(context, "", 0.0, False, message)
             return {"FINISHED"}
         except SS4DError as err:

@@ -1,6 +1,8 @@
 """Sidebar panels (tab "SS4D") in the Video Sequencer and the 3D viewport."""
 from __future__ import annotations
 
+import json
+
 import bpy
 
 from . import frames as frame_source
@@ -90,6 +92,10 @@ def _draw_result_info(layout, obj):
     layout.label(text=f"{info['num_frames']} frames, seed {settings.get('seed', '?')}, {settings.get('device', '')}")
     if info["is_random_weights"]:
         layout.label(text="Random-weight test pipeline: the shape is noise.", icon="ERROR")
+    bad = json.loads(obj.get("ss4d_bad_frames", "[]"))
+    if bad:
+        shown = ", ".join(str(f) for f in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        layout.label(text=f"Poor fit at frame{'s' if len(bad) > 1 else ''} {shown}", icon="ERROR")
 
 
 class _SS4DPanel:

@@ -148,8 +148,11 @@ def _remove(block) -> None:
 
 def replace_animation(obj, faces, vertices, colors, scene_frames, reference_frame, height):
     """Rebuild mesh: a new object built from a new animation takes the old one's place (same name,
-    collection, location and custom properties); the old object and its data are removed."""
+    collections, location, custom properties, selection and active state); the old object and its data
+    are removed."""
     context = bpy.context
+    was_active = context.view_layer.objects.active == obj
+    was_selected = obj.select_get()
     props = {k: obj[k] for k in obj.keys() if k.startswith("ss4d") and k not in ("ss4d_scale", "ss4d_offset")}
     collections = list(obj.users_collection)
     location = obj.location.copy()
@@ -173,6 +176,9 @@ def replace_animation(obj, faces, vertices, colors, scene_frames, reference_fram
         bpy.data.actions.remove(old_action)
     new.name = name
     new.data.name = name
+    new.select_set(was_selected)
+    if was_active:
+        context.view_layer.objects.active = new
     return new
 
 

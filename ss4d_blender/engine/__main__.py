@@ -116,6 +116,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from .progress import Progress
     from .registration.cli import save_animation
     from .result import load_result
+    from .types import poor_fit_message
 
     try:
         result = load_result(args.result)
@@ -130,6 +131,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
     save_animation(Path(args.output), anim)
     print(f"{anim.vertices.shape[0]} frames x {anim.vertices.shape[1]} vertices, {len(anim.faces)} faces, "
           f"reference frame {anim.reference_frame}, fit error max {float(anim.fit_error.max()):.5f} -> {args.output}")
+    if anim.info["bad_frames"]:
+        _warn(poor_fit_message(anim.info["bad_frames"]) + " (frames counted from 0)")
     if result.is_random_weights:
         _warn(NOISE_WARNING)
     return 0

@@ -48,3 +48,16 @@ class AnimatedMesh:
     fit_error: np.ndarray
     reference_frame: int
     info: dict = field(default_factory=dict)
+
+
+def poor_fit_message(frames) -> str:
+    """What an artist reads when registration flags frames (`AnimatedMesh.info["bad_frames"]`, given
+    here as the numbers the artist knows them by); empty when there are none."""
+    frames = [int(f) for f in frames]
+    if not frames:
+        return ""
+    shown = ", ".join(str(f) for f in frames[:12]) + (", ..." if len(frames) > 12 else "")
+    noun = "Frame" if len(frames) == 1 else "Frames"
+    return (f"{noun} {shown}: the mesh could not follow the generated shape there (off by more than 1% of "
+            f"its size, or no shape was generated); check them, or try another reference frame.")
+
