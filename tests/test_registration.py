@@ -22,7 +22,7 @@ from ss4d_blender.engine.registration.deform import Deformer, FitSettings
 from ss4d_blender.engine.registration.geometry import SurfaceDistance
 from ss4d_blender.engine.registration.graph import rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
-from ss4d_blender.engine.registration.synthetic import make_sequence
+from ss4d_blender.engine.registration.synthetic import make_sequence, registration_errors
 from ss4d_blender.engine.types import Mesh
 
 FRAMES = 32
@@ -30,27 +30,6 @@ FRAMES = 32
 
 def _meshes(seq):
     return [Mesh(v, f) for v, f in zip(seq.vertices, seq.faces)]
-
-
-def _scores(seq, anim):
-    """Per frame: mean correspondence error, mean distance to the target surface (both as a
-    fraction of the bounding-box diagonal) and the share of faces whose orientation flipped."""
-    r = anim.reference_frame
-    # the output vertices are the reference frame's own vertices (no simplification here)
-    assert np.allclose(anim.vertices[r], seq.vertices[r], atol=1e-6)
-    rest = seq.rest[r]
-    f = anim.faces
-    corr, surf, flips = [], [], []
-    for t in range(len(seq.vertices)):
-        truth = seq.deform(rest, t)
-        x = anim.vertices[t]
-        corr.append(np.linalg.norm(x - truth, axis=1).mean() / seq.diagonal)
-        dist = SurfaceDistance(torch.from_numpy(seq.vertices[t]), torch.from_numpy(seq.faces[t].astype(np.int64)))
-        surf.append(float(dist(torch.from_numpy(x)).mean()) / seq.diagonal)
-        n_fit = np.cross(x[f[:, 1]] - x[f[:, 0]], x[f[:, 2]] - x[f[:, 0]])
-        n_true = np.cross(truth[f[:, 1]] - truth[f[:, 0]], truth[f[:, 2]] - truth[f[:, 0]])
-        flips.append(float(((n_fit * n_true).sum(1) <= 0).mean()))
-    return np.array(corr), np.array(surf), np.array(flips)
 
 
 # Motion tests: 32 frames (the issue's length) at ~0.6k-1k vertices per frame (resolution 0.5), so
@@ -84,7 +63,7 @@ def test_analytic_motion_is_followed(kind, seed):
     anim = register_sequence(_meshes(seq), target_vertices=100_000)
     assert anim.vertices.shape == (FRAMES, seq.vertices[anim.reference_frame].shape[0], 3)
     assert np.isfinite(anim.vertices).all() and np.isfinite(anim.fit_error).all()
-    corr, surf, flips = _scores(seq, anim)
+    corr, surf, flips = registration_errors(seq, anim)
     print(f"{kind}: {anim.vertices.shape[1]} vertices, reference {anim.reference_frame}: corr max "
           f"{corr.max():.3%} (frame {corr.argmax()}), surface max {surf.max():.3%}, flips max {flips.max():.3%}")
     # the reported fit error is the same measure, in model units

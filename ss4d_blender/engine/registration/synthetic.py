@@ -179,3 +179,30 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     allv = np.concatenate(verts)
     diag = float(np.linalg.norm(allv.max(0) - allv.min(0)))
     return SyntheticSequence(verts, faces, rests, deform, diag)
+
+
+def registration_errors(seq: SyntheticSequence, anim) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How well `anim` (an AnimatedMesh registered from `seq` without simplification) follows the
+    analytic motion. Per frame [T]: mean correspondence error (registered vertex vs the analytic
+    motion of that reference vertex) and mean distance to the frame's surface, both as fractions of
+    the bounding-box diagonal, and the share of faces whose orientation flipped."""
+    import torch
+
+    from .geometry import SurfaceDistance
+
+    r = anim.reference_frame
+    if anim.vertices.shape[1] != len(seq.vertices[r]) or not np.allclose(anim.vertices[r], seq.vertices[r], atol=1e-6):
+        raise ValueError("the registered mesh is not the reference frame's own (was it simplified?)")
+    rest, f = seq.rest[r], anim.faces
+    corr, surf, flips = [], [], []
+    for t in range(len(seq.vertices)):
+        truth = seq.deform(rest, t)
+        x = anim.vertices[t]
+        corr.append(np.linalg.norm(x - truth, axis=1).mean() / seq.diagonal)
+        dist = SurfaceDistance(torch.from_numpy(seq.vertices[t]), torch.from_numpy(seq.faces[t].astype(np.int64)))
+        surf.append(float(dist(torch.from_numpy(x)).mean()) / seq.diagonal)
+        n_fit = np.cross(x[f[:, 1]] - x[f[:, 0]], x[f[:, 2]] - x[f[:, 0]])
+        n_true = np.cross(truth[f[:, 1]] - truth[f[:, 0]], truth[f[:, 2]] - truth[f[:, 0]])
+        flips.append(float(((n_fit * n_true).sum(1) <= 0).mean()))
+    return np.array(corr), np.array(surf), np.array(flips)
+

@@ -1,0 +1,64 @@
+"""Registration accuracy on the synthetic motions with known ground truth (issue 4's bounds: mean
+correspondence error <= 1 % of the bounding-box diagonal at every frame, surface distance <= 0.5 %,
+>= 99.5 % of faces keep their orientation). Prints one line per motion with the worst frame.
+
+    python bench/registration_accuracy.py [--frames 32] [--noise 0.003] [--rest-share 0.1 0.0 1.0]
+        [--kinds capsule_bend:1 capsule_wave:1 ...] [--resolution 0.5]
+
+--noise adds Gaussian noise (this fraction of the diagonal) to every vertex of every frame, like
+per-frame flicker of generated meshes; the truth stays noise-free, so the reference frame's own
+error is about the noise. --rest-share compares settings of the graph regulariser (share of the rest
+shape in the shape it keeps; the rest is the previous frame's fit).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ss4d_blender.engine.registration import register_sequence  # noqa: E402
+from ss4d_blender.engine.registration.deform import FitSettings  # noqa: E402
+from ss4d_blender.engine.registration.synthetic import make_sequence, registration_errors  # noqa: E402
+from ss4d_blender.engine.types import Mesh  # noqa: E402
+
+KINDS = ["capsule_bend:1", "capsule_bend:2", "capsule_bend:3", "capsule_twist:1", "capsule_wave:1",
+         "cylinder_bend90:1", "sphere_bend:1"]
+RESOLUTION = {"cylinder_bend90": 0.3}     # as in tests/test_registration.py
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--noise", type=float, default=0.0)
+    ap.add_argument("--rest-share", type=float, nargs="+", default=[FitSettings().rest_share])
+    ap.add_argument("--kinds", nargs="+", default=KINDS, help="kind:seed")
+    ap.add_argument("--resolution", type=float, default=None, help="default: as in the tests")
+    args = ap.parse_args()
+    print(f"{args.frames} frames, noise {args.noise:.2%} of the diagonal; worst frame of each measure")
+    for share in args.rest_share:
+        for item in args.kinds:
+            kind, seed = item.split(":")
+            seq = make_sequence(kind, args.frames, resolution=args.resolution or RESOLUTION.get(kind, 0.5),
+                                seed=int(seed))
+            if args.noise > 0:
+                rng = np.random.default_rng(int(seed) + 1000)
+                seq.vertices = [(v + args.noise * seq.diagonal * rng.normal(size=v.shape)).astype(np.float32)
+                                for v in seq.vertices]
+            started = time.perf_counter()
+            anim = register_sequence([Mesh(v, f) for v, f in zip(seq.vertices, seq.faces)],
+                                     target_vertices=10 ** 9, settings=FitSettings(rest_share=share))
+            seconds = time.perf_counter() - started
+            corr, surf, flips = registration_errors(seq, anim)
+            print(f"rest_share {share:.2f}  {kind:16s} seed {seed}: correspondence {corr.max():.2%} "
+                  f"(frame {corr.argmax()}), surface {surf.max():.3%}, flipped {flips.max():.2%}, "
+                  f"{anim.vertices.shape[1]} vertices, {seconds:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
