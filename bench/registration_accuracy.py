@@ -27,7 +27,7 @@ from ss4d_blender.engine.registration.synthetic import make_sequence, registrati
 from ss4d_blender.engine.types import Mesh  # noqa: E402
 
 KINDS = ["capsule_bend:1", "capsule_bend:2", "capsule_bend:3", "capsule_twist:1", "capsule_wave:1",
-         "cylinder_bend90:1", "sphere_bend:1"]
+         "cylinder_bend90:1", "sphere_bend:1", "capsule_pair_slide:1"]
 RESOLUTION = {"cylinder_bend90": 0.3}     # as in tests/test_registration.py
 
 

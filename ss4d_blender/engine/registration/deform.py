@@ -108,8 +108,7 @@ class Deformer:
         self.diag = float((hi - lo).norm()) or 1.0
         self.mean_edge = float(self.rest_length.mean()) if self.rest_length.numel() else self.diag
         nodes = min(self.settings.graph_nodes, max(48, nv // self.settings.vertices_per_node))
-        self.graph = DeformationGraph(rest, nodes, faces=faces,
-                                      interior=self.settings.interior_nodes)
+        self.graph = DeformationGraph(rest, faces, nodes, interior=self.settings.interior_nodes)
         if nv > self.settings.graph_vertices:
             pick = torch.randperm(nv, generator=torch.Generator().manual_seed(0))[:self.settings.graph_vertices]
             self.graph_rows = torch.sort(pick).values.to(rest.device)

@@ -37,6 +37,31 @@ def unique_edges(f: torch.Tensor) -> torch.Tensor:
     return torch.unique(e, dim=0)
 
 
+def path_distances(points: torch.Tensor, edges: torch.Tensor, seed_point: torch.Tensor,
+                   seed_column: torch.Tensor, seed_distance: torch.Tensor, columns: int,
+                   reach: float) -> torch.Tensor:
+    """Shortest-path distances along the edges [E, 2] of a graph of `points` [P, 3], for `columns`
+    sources at once: column c starts from its seeds (point seed_point[s] at distance seed_distance[s]
+    where seed_column[s] == c). Returns [P, columns]; inf further than `reach` or on another
+    connected part. Every column relaxes together (Bellman-Ford) until nothing changes."""
+    num = points.shape[0]
+    to, frm = torch.cat([edges[:, 0], edges[:, 1]]), torch.cat([edges[:, 1], edges[:, 0]])
+    length = (points[to] - points[frm]).norm(dim=1)[:, None]
+    inf = torch.tensor(float("inf"), dtype=points.dtype, device=points.device)
+    dist = torch.full((num * columns,), float("inf"), dtype=points.dtype, device=points.device)
+    dist = dist.scatter_reduce(0, seed_point * columns + seed_column, seed_distance.to(points.dtype), "amin")
+    dist = dist.reshape(num, columns)
+    dist = torch.where(dist <= reach, dist, inf)
+    index = to[:, None].expand(-1, columns)
+    for _ in range(num):
+        relaxed = dist.scatter_reduce(0, index, dist[frm] + length, "amin")
+        relaxed = torch.where(relaxed <= reach, relaxed, inf)
+        if torch.equal(relaxed, dist):
+            break
+        dist = relaxed
+    return dist
+
+
 def sample_surface(v: torch.Tensor, f: torch.Tensor, count: int, generator: torch.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` points spread over the surface in proportion to area, with their face normals.

@@ -21,7 +21,9 @@ import math
 
 import torch
 
+from .geometry import face_areas, path_distances, unique_edges, vertex_normals
 from .knn import PointGrid
+from .simplify import cluster_labels
 
 
 def farthest_point_sampling(points: torch.Tensor, count: int) -> torch.Tensor:
@@ -91,47 +93,109 @@ def interior_points(rest: torch.Tensor, faces: torch.Tensor, spacing: float, max
     return grid
 
 
+class SurfacePaths:
+    """Distances along a mesh's surface from seed vertices, measured on a coarse version of it (vertex
+    clusters that keep facing sides apart, see `cluster_labels`) when the mesh is large: the
+    resolution only has to tell a short way along the surface from a long way round."""
+
+    def __init__(self, v: torch.Tensor, faces: torch.Tensor, reach: float, coarse_vertices: int = 3000):
+        edges = unique_edges(faces)
+        if v.shape[0] > coarse_vertices:
+            labels, count = cluster_labels(v, faces, coarse_vertices)
+            size = torch.zeros(count, dtype=v.dtype, device=v.device).index_add_(0, labels, torch.ones_like(v[:, 0]))
+            self.points = torch.zeros(count, 3, dtype=v.dtype, device=v.device).index_add_(0, labels, v) / size[:, None]
+            e = labels[edges]
+            edges = torch.unique(torch.sort(e[e[:, 0] != e[:, 1]], dim=1).values, dim=0)
+        else:
+            labels, self.points = torch.arange(v.shape[0], device=v.device), v
+        self.labels, self.edges, self.reach = labels, edges, reach
+        self.to_point = (v - self.points[labels]).norm(dim=1)             # vertex to its cluster [V]
+
+    def from_seeds(self, vertex: torch.Tensor, column: torch.Tensor, distance: torch.Tensor,
+                   columns: int) -> torch.Tensor:
+        """[V, columns]: column c's distance from its seeds (vertex[s], starting at distance[s])."""
+        d = path_distances(self.points, self.edges, self.labels[vertex], column,
+                           distance + self.to_point[vertex], columns, self.reach)
+        return d[self.labels] + self.to_point[:, None]
+
+
+DETOUR = 2.0          # a node counts as near when the surface path is at most this times the straight line
+
+
 class DeformationGraph:
     """Nodes on the surface (farthest-point samples of the rest vertices) and, where the mesh
     encloses a volume, inside it (a grid), so the graph bends and twists like a solid instead of
-    letting the surface slide over itself. Surface nodes are neighbours when they influence a
-    common vertex; interior nodes are neighbours of every node within ~1.75 grid cells."""
+    letting the surface slide over itself.
 
-    def __init__(self, rest: torch.Tensor, nodes: int = 256, neighbours: int = 4,
-                 faces: torch.Tensor | None = None, interior: bool = True):
+    Nearness is measured along the surface, not through space: a vertex follows the K nodes nearest
+    to it along the mesh (an interior node reaches the surface around it first), so parts that come
+    close without being connected there (two legs, an arm at the body, separate objects) do not drag
+    each other. Nodes are neighbours when they influence a common vertex; interior nodes also with
+    nodes within ~1.75 grid cells that reach a common stretch of surface."""
+
+    def __init__(self, rest: torch.Tensor, faces: torch.Tensor, nodes: int = 256, neighbours: int = 4,
+                 interior: bool = True, extra_nodes: int = 64):
         self.rest = rest
         idx = farthest_point_sampling(rest, nodes)
+        area = float(face_areas(rest, faces).sum())
+        diag = float((rest.max(0).values - rest.min(0).values).norm())
+        self.spacing = max((area / idx.shape[0]) ** 0.5, 1e-6 * diag)
+        reach = 3.0 * self.spacing
+
+        paths = SurfacePaths(rest, faces, reach)
+
+        def from_vertices(vertices: torch.Tensor) -> torch.Tensor:
+            cols = torch.arange(vertices.shape[0], device=rest.device)
+            return paths.from_seeds(vertices, cols, torch.zeros_like(cols, dtype=rest.dtype), vertices.shape[0])
+
+        dist = from_vertices(idx)                                           # [V, N_surface]
+        # a part no node reaches (a separate piece between the samples) gets nodes of its own
+        for _ in range(extra_nodes):
+            lost = torch.nonzero(torch.isinf(dist).all(1))[:, 0]
+            if lost.numel() == 0:
+                break
+            idx = torch.cat([idx, lost[:1]])
+            dist = torch.cat([dist, from_vertices(lost[:1])], 1)
         surface_nodes = rest[idx]
         inner = rest.new_zeros(0, 3)
-        if interior and faces is not None and faces.shape[0] and surface_nodes.shape[0] >= 8:
-            lo, hi = rest.min(0).values, rest.max(0).values
-            a, b, c = rest[faces[:, 0]], rest[faces[:, 1]], rest[faces[:, 2]]
-            area = float(0.5 * torch.cross(b - a, c - a, dim=1).norm(dim=1).sum())
-            spacing = max((area / surface_nodes.shape[0]) ** 0.5, 1e-6 * float((hi - lo).norm()))
-            inner = interior_points(rest, faces, spacing, max_points=surface_nodes.shape[0] // 2)
-            self.spacing = spacing
+        if interior and faces.shape[0] and surface_nodes.shape[0] >= 8:
+            inner = interior_points(rest, faces, self.spacing, max_points=surface_nodes.shape[0] // 2)
+        if inner.shape[0]:
+            # an interior node starts from the surface around it: vertices not much further than its
+            # nearest that face away from it (the node is behind them, inside; not another part's)
+            d = torch.cdist(inner, rest)                                     # [N_in, V]
+            facing_away = ((rest[None] - inner[:, None]) * vertex_normals(rest, faces)[None]).sum(-1) > 0
+            col, vert = torch.nonzero((d <= 1.25 * d.min(1, keepdim=True).values) & facing_away, as_tuple=True)
+            dist = torch.cat([dist, paths.from_seeds(vert, col, d[col, vert], inner.shape[0])], 1)
         self.nodes = torch.cat([surface_nodes, inner])                     # [N, 3]
         self.num_surface = surface_nodes.shape[0]
         n = self.nodes.shape[0]
+        # weights by distance through space, but only from nodes the surface path does not take a
+        # long way round to (across a tube: π/2 times the straight line; to the other leg: inf)
+        straight = torch.cdist(rest, self.nodes)                          # [V, N]
+        unreached = torch.isinf(dist).all(1, keepdim=True)                # beyond extra_nodes: any node
+        dist = torch.where((dist <= DETOUR * straight + 0.5 * self.spacing) | unreached, straight,
+                           torch.full_like(straight, float("inf")))
         k = min(neighbours, n)
-        d2 = torch.cdist(rest, self.nodes) ** 2                           # [V, N]
-        near_d2, near = torch.topk(d2, min(k + 1, n), largest=False)
-        if n > k:
-            radius2 = near_d2[:, k:k + 1].clamp(min=1e-20)
-            w = (1 - (near_d2[:, :k] / radius2).sqrt()).clamp(min=0) ** 2 + 1e-8
-            near = near[:, :k]
-        else:
-            w = torch.ones_like(near_d2)
+        near_d, near = torch.topk(dist, min(k + 1, n), largest=False)
+        radius = near_d[:, k:k + 1] if n > k else near_d.new_full((near_d.shape[0], 1), float("inf"))
+        radius = torch.where(torch.isfinite(radius), radius, near_d.new_tensor(reach)).clamp(min=1e-20)
+        near_d, near = near_d[:, :k], near[:, :k]
+        reached = torch.isfinite(near_d)
+        w = torch.where(reached, (1 - near_d / radius).clamp(min=0) ** 2 + 1e-8, torch.zeros_like(near_d))
         self.weights = w / w.sum(1, keepdim=True)                         # [V, K]
         self.near = near                                                  # [V, K]
         self.offset = rest[:, None, :] - self.nodes[near]                 # v_i − g_k  [V, K, 3]
         # neighbours: nodes influencing a common vertex, and interior nodes with nodes nearby
         a = near[:, :, None].expand(-1, k, k).reshape(-1)
         b = near[:, None, :].expand(-1, k, k).reshape(-1)
-        pairs = [torch.stack([a, b], 1)[a != b]]
+        both = (reached[:, :, None] & reached[:, None, :]).reshape(-1)
+        pairs = [torch.stack([a, b], 1)[(a != b) & both]]
         if inner.shape[0]:
-            dn = torch.cdist(self.nodes[self.num_surface:], self.nodes)   # [N_in, N]
-            ii, jj = torch.nonzero(dn <= 1.75 * self.spacing, as_tuple=True)
+            touches = torch.isfinite(dist).to(rest.dtype)                  # [V, N] node reaches vertex
+            shared = (touches[:, self.num_surface:].T @ touches) > 0       # [N_in, N]
+            dn = torch.cdist(inner, self.nodes)
+            ii, jj = torch.nonzero((dn <= 1.75 * self.spacing) & shared, as_tuple=True)
             ii = ii + self.num_surface
             keep = ii != jj
             pairs += [torch.stack([ii[keep], jj[keep]], 1), torch.stack([jj[keep], ii[keep]], 1)]

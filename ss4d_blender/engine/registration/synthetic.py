@@ -114,6 +114,13 @@ def wave(points: np.ndarray, amplitude: float, wavelength: float, shift: float) 
     return out
 
 
+def slide_right_part(points: np.ndarray, distance: float) -> np.ndarray:
+    """Points with x > 0 move by `distance` along y; the rest stay (two parts sliding past each other)."""
+    out = points.copy()
+    out[points[:, 0] > 0, 1] += distance
+    return out
+
+
 def open_petals(points: np.ndarray, growth: float, petals: int = 5) -> np.ndarray:
     """Radial growth of a ball into petals on its upper half (far from isometric)."""
     rho = np.linalg.norm(points, axis=1, keepdims=True)
@@ -121,6 +128,9 @@ def open_petals(points: np.ndarray, growth: float, petals: int = 5) -> np.ndarra
     phi = np.arctan2(d[:, 1], d[:, 0])
     lobe = np.maximum(d[:, 2], 0.0) ** 2 * (0.5 + 0.5 * np.cos(petals * phi)) ** 4
     return points * (1.0 + growth * lobe)[:, None]
+
+
+PAIR_GAP = 0.1          # capsule_pair_slide: gap between the two capsules (radius 0.5)
 
 
 @dataclass
@@ -134,7 +144,9 @@ class SyntheticSequence:
 
 def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 0) -> SyntheticSequence:
     """kind: 'sphere_bend', 'capsule_bend', 'capsule_twist', 'capsule_wave', 'cylinder_bend90',
-    'flower_open' (a ball growing five petals up to 4x its radius: strong, non-isometric change).
+    'flower_open' (a ball growing five petals up to 4x its radius: strong, non-isometric change),
+    'capsule_pair_slide' (two round capsules side by side, PAIR_GAP apart, one sliding past the other
+    like scissoring legs: parts close in space that must not drag each other).
     resolution scales the per-frame vertex count (1 -> roughly 0.7k-2.5k vertices, 0.5 -> half)."""
     rng = np.random.default_rng(seed)
     r, h, squash = 0.5, 1.0, 0.7
@@ -150,6 +162,9 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     elif kind == "flower_open":
         r, h, squash = 0.5, 0.0, 1.0
         motion = lambda p, u: open_petals(p, 3.0 * u)
+    elif kind == "capsule_pair_slide":
+        r, h, squash = 0.5, 1.0, 1.0
+        motion = lambda p, u: slide_right_part(p, 0.8 * u)
     elif kind == "cylinder_bend90":
         r, h, squash = 0.2, 1.0, 1.0
         motion = lambda p, u: bend(p, 0.5 * math.pi * u, -0.4, 0.4)
@@ -159,20 +174,28 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     def deform(points, t):
         return motion(points, t / max(frames - 1, 1))
 
-    verts, faces, rests = [], [], []
-    for t in range(frames):
+    def mesh_once():
         if h == 0.0:
             around = int(rng.integers(50, 58) * resolution ** 0.5)
             v, f = capsule_mesh(r, 0.0, max(4, around // 2), around, rng)
-            v = v @ random_rotation(rng).T
+            return v @ random_rotation(rng).T, f
+        around = int(rng.integers(36, 44) * resolution ** 0.5)
+        rings = int(rng.integers(44, 52) * resolution ** 0.5 * (1 + 2 * h / (math.pi * r)) / 2.3)
+        v, f = capsule_mesh(r, h, rings, around, rng, squash)
+        rot = rng.uniform(0, 2 * math.pi)
+        if squash == 1.0:     # axisymmetric: any rotation about z is the same surface
+            c, s = math.cos(rot), math.sin(rot)
+            v = v @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T
+        return v, f
+
+    verts, faces, rests = [], [], []
+    for t in range(frames):
+        if kind == "capsule_pair_slide":
+            (va, fa), (vb, fb) = mesh_once(), mesh_once()
+            shift = np.array([r + 0.5 * PAIR_GAP, 0.0, 0.0])
+            v, f = np.concatenate([va - shift, vb + shift]), np.concatenate([fa, fb + len(va)])
         else:
-            around = int(rng.integers(36, 44) * resolution ** 0.5)
-            rings = int(rng.integers(44, 52) * resolution ** 0.5 * (1 + 2 * h / (math.pi * r)) / 2.3)
-            v, f = capsule_mesh(r, h, rings, around, rng, squash)
-            rot = rng.uniform(0, 2 * math.pi)
-            if squash == 1.0:     # axisymmetric: any rotation about z is the same surface
-                c, s = math.cos(rot), math.sin(rot)
-                v = v @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T
+            v, f = mesh_once()
         rests.append(v)
         verts.append(deform(v, t).astype(np.float32))
         faces.append(f.astype(np.int32))
