@@ -22,7 +22,7 @@ from ss4d_blender.engine.registration.deform import Deformer, FitSettings
 from ss4d_blender.engine.registration.geometry import SurfaceDistance
 from ss4d_blender.engine.registration.graph import DeformationGraph, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
-from ss4d_blender.engine.registration.synthetic import make_sequence, registration_errors
+from ss4d_blender.engine.registration.synthetic import icosphere, make_sequence, registration_errors
 from ss4d_blender.engine.types import Mesh
 
 FRAMES = 32
@@ -131,6 +131,18 @@ def test_graph_nodes_do_not_reach_across_a_gap(resolution):
     assert not crossing.any()
     assert torch.equal(side_n[g.edge_j], side_n[g.edge_k])
     assert g.num_surface >= 160 and int(side_n.sum()) > 40 and int((~side_n).sum()) > 40
+
+
+def test_graph_weights_are_finite_on_crumpled_surfaces():
+    """Generated meshes can be crumpled (the tiny random-weight pipeline's are): where every node is a
+    long way round along the surface, a vertex still gets finite weights that sum to one (this was a
+    NaN that stopped the run)."""
+    v0, f = icosphere(4)
+    for seed in range(8):
+        v = v0 + np.random.default_rng(seed).normal(scale=0.15, size=v0.shape)
+        g = DeformationGraph(torch.from_numpy(v).float(), torch.from_numpy(f), 160)
+        assert torch.isfinite(g.weights).all(), seed
+        assert torch.allclose(g.weights.sum(1), torch.ones(len(v)), atol=1e-5)
 
 
 def test_grid_nearest_neighbour_is_exact():

@@ -173,9 +173,13 @@ class DeformationGraph:
         # weights by distance through space, but only from nodes the surface path does not take a
         # long way round to (across a tube: π/2 times the straight line; to the other leg: inf)
         straight = torch.cdist(rest, self.nodes)                          # [V, N]
-        unreached = torch.isinf(dist).all(1, keepdim=True)                # beyond extra_nodes: any node
-        dist = torch.where((dist <= DETOUR * straight + 0.5 * self.spacing) | unreached, straight,
-                           torch.full_like(straight, float("inf")))
+        near_enough = dist <= DETOUR * straight + 0.5 * self.spacing
+        effective = torch.where(near_enough, straight, torch.full_like(straight, float("inf")))
+        # a vertex every node is a long way round from (a crumpled spot) follows the surface paths;
+        # one no node reaches at all (beyond extra_nodes), the nearest nodes through space
+        lost = ~near_enough.any(1)
+        effective[lost] = torch.where(torch.isfinite(dist[lost]).any(1, keepdim=True), dist[lost], straight[lost])
+        dist = effective
         k = min(neighbours, n)
         near_d, near = torch.topk(dist, min(k + 1, n), largest=False)
         radius = near_d[:, k:k + 1] if n > k else near_d.new_full((near_d.shape[0], 1), float("inf"))
