@@ -403,7 +403,7 @@ def test_frames_that_fit_poorly_are_named_on_the_timeline(scene, shared_dir):
     errors = json.loads(obj["ss4d_fit_error"])
     assert errors[2] > 0.01 * seq.diagonal and max(errors[:2] + errors[3:]) < 0.005 * seq.diagonal
     assert f"Frame {timeline[2]}: the mesh could not follow" in scene.ss4d.last_message
-    assert (f"Poor fit at frame {timeline[2]}", "ERROR") in draw_panel(bpy.context).labels
+    assert (f"Poor fit: Frame {timeline[2]}", "ERROR") in draw_panel(bpy.context).labels
 
 
 FBX_CHECK = """

@@ -5,6 +5,7 @@ import json
 
 import bpy
 
+from ..engine.types import frame_list
 from . import frames as frame_source
 from . import preferences
 
@@ -94,8 +95,7 @@ def _draw_result_info(layout, obj):
         layout.label(text="Random-weight test pipeline: the shape is noise.", icon="ERROR")
     bad = json.loads(obj.get("ss4d_bad_frames", "[]"))
     if bad:
-        shown = ", ".join(str(f) for f in bad[:8]) + (", ..." if len(bad) > 8 else "")
-        layout.label(text=f"Poor fit at frame{'s' if len(bad) > 1 else ''} {shown}", icon="ERROR")
+        layout.label(text=f"Poor fit: {frame_list(bad, limit=8)}", icon="ERROR")
 
 
 class _SS4DPanel:

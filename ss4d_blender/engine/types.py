@@ -50,14 +50,17 @@ class AnimatedMesh:
     info: dict = field(default_factory=dict)
 
 
+def frame_list(frames, limit: int = 12) -> str:
+    """'Frame 7' / 'Frames 3, 9, 12, ...' (at most `limit` numbers)."""
+    frames = [int(f) for f in frames]
+    shown = ", ".join(str(f) for f in frames[:limit]) + (", ..." if len(frames) > limit else "")
+    return f"{'Frame' if len(frames) == 1 else 'Frames'} {shown}"
+
+
 def poor_fit_message(frames) -> str:
     """What an artist reads when registration flags frames (`AnimatedMesh.info["bad_frames"]`, given
     here as the numbers the artist knows them by); empty when there are none."""
-    frames = [int(f) for f in frames]
-    if not frames:
+    if len(frames) == 0:
         return ""
-    shown = ", ".join(str(f) for f in frames[:12]) + (", ..." if len(frames) > 12 else "")
-    noun = "Frame" if len(frames) == 1 else "Frames"
-    return (f"{noun} {shown}: the mesh could not follow the generated shape there (off by more than 1% of "
-            f"its size, or no shape was generated); check them, or try another reference frame.")
-
+    return (f"{frame_list(frames)}: the mesh could not follow the generated shape there (off by more than 1% "
+            f"of its size, or no shape was generated); check them, or try another reference frame.")
