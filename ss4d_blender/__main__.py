@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tolerance", type=float, default=0.12)
     g.add_argument("--softness", type=float, default=0.08)
     g.add_argument("--vertices", type=int, default=20000)
-    g.add_argument("--reference-frame", type=int, default=-1)
+    g.add_argument("--reference-frame", type=int, default=None,
+                   help="scene frame whose shape gives the topology (default: the most complete)")
     g.add_argument("--smoothing", type=float, default=0.0)
     g.add_argument("--height", type=float, default=1.8, help="object height in metres")
     g.add_argument("--device", default="auto")
@@ -132,7 +133,10 @@ def generate(args) -> int:
     s.num_frames, s.seed, s.steps, s.guidance = args.frames, args.seed, args.steps, args.guidance
     s.matting, s.key_color = args.matting.upper(), args.key_color
     s.tolerance, s.softness = args.tolerance, args.softness
-    s.target_vertices, s.reference_frame, s.smoothing, s.height = args.vertices, args.reference_frame, args.smoothing, args.height
+    s.target_vertices, s.smoothing, s.height = args.vertices, args.smoothing, args.height
+    s.auto_reference = args.reference_frame is None
+    if args.reference_frame is not None:
+        s.reference_frame = args.reference_frame
     if args.start is not None or args.end is not None:
         s.use_strip_range = False
         s.frame_start = args.start if args.start is not None else strip.frame_final_start

@@ -287,10 +287,13 @@ def test_panel_draws_in_every_state(scene, shared_dir, tiny_pipeline):
     add_movie(scene, shared_dir / "samples" / "boxing_green.mp4")
     layout = draw_panel(bpy.context)
     assert ("clip  (movie, frames 1-32)", "SEQUENCE") in layout.labels
-    for name in ("num_frames", "matting", "seed", "steps", "guidance", "target_vertices", "reference_frame",
+    for name in ("num_frames", "matting", "seed", "steps", "guidance", "target_vertices", "auto_reference",
                  "smoothing", "height", "collection"):
         assert name in layout.props
     assert "key_color" not in layout.props and "ss4d.generate" in layout.operators
+    assert "reference_frame" not in layout.props
+    scene.ss4d.auto_reference = False
+    assert "reference_frame" in draw_panel(bpy.context).props
     scene.ss4d.matting = "CHROMA"
     assert {"key_color", "tolerance", "softness"} <= set(draw_panel(bpy.context).props)
     scene.ss4d.num_frames = 2
@@ -358,7 +361,7 @@ def test_cancel_during_generation_leaves_file_unchanged(scene, shared_dir):
     assert operators._active["client"] is None
 
 
-def test_rebuild_mesh_reuses_the_result(scene, shared_dir):
+def test_rebuild_mesh_reuses_the_result(scene, shared_dir, monkeypatch):
     add_images(scene, shared_dir / "samples" / "rose", name="rose")
     assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
     obj = bpy.data.objects["SS4D_rose"]
@@ -366,7 +369,15 @@ def test_rebuild_mesh_reuses_the_result(scene, shared_dir):
     # a new object is selected and active, as anything Blender adds
     assert bpy.context.view_layer.objects.active == obj and bpy.context.selected_objects == [obj]
     scene.ss4d.target_vertices = 600
+    # the reference is chosen on the timeline: the generated frame nearest to it gives the topology
+    timeline = json.loads(obj["ss4d_scene_frames"])
+    scene.ss4d.auto_reference, scene.ss4d.reference_frame = False, timeline[2] + 1
+    references = []
+    original = scene_build.replace_animation
+    monkeypatch.setattr(scene_build, "replace_animation",
+                        lambda *a: references.append(a[5]) or original(*a))
     assert bpy.ops.ss4d.rebuild_mesh(synchronous=True) == {"FINISHED"}
+    assert references == [2]
     rebuilt = bpy.data.objects["SS4D_rose"]
     assert len(bpy.data.objects) == 1 and len(bpy.data.meshes) == 1
     assert len(rebuilt.data.vertices) < first

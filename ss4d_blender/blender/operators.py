@@ -59,11 +59,15 @@ def _engine_settings(context) -> dict:
     }
 
 
-def _animate_settings(context) -> dict:
+def _animate_settings(context, scene_frames: list[int]) -> dict:
+    """Registration settings; the reference is a timeline frame in the UI, the nearest generated
+    frame's index for the engine."""
     s = context.scene.ss4d
     device = preferences.get(context).device   # 'auto', 'cuda:N', 'mps', 'cpu'; registration maps MPS to the CPU
-    return {"target_vertices": int(s.target_vertices),
-            "reference_frame": None if s.reference_frame < 0 else int(s.reference_frame),
+    reference = None
+    if not s.auto_reference:
+        reference = min(range(len(scene_frames)), key=lambda i: abs(scene_frames[i] - s.reference_frame))
+    return {"target_vertices": int(s.target_vertices), "reference_frame": reference,
             "temporal_smoothing": float(s.smoothing), "device": device}
 
 
@@ -121,7 +125,7 @@ class _GenerateJob:
                 rgba = alpha_from_source(rgba)
             np.savez(self.job_dir / "frames.npz", frames=rgba)
             self.job = {"kind": "generate", "frames": "frames.npz", "settings": _engine_settings(context),
-                        "animate": _animate_settings(context)}
+                        "animate": _animate_settings(context, self.scene_frames)}
         else:
             result_file = Path(bpy.path.abspath(target_object.get("ss4d_result_file", "")))
             if not result_file.is_file():
@@ -129,7 +133,8 @@ class _GenerateJob:
                                  f"Rebuilding needs the .safetensors file saved next to the .blend.")
             self.scene_frames = json.loads(target_object["ss4d_scene_frames"])
             self.strip_name = target_object.get("ss4d_strip", "")
-            self.job = {"kind": "animate", "result": str(result_file), "animate": _animate_settings(context)}
+            self.job = {"kind": "animate", "result": str(result_file),
+                        "animate": _animate_settings(context, self.scene_frames)}
         self.height = float(settings.height)
         self.collection = settings.collection
 

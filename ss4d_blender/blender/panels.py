@@ -43,7 +43,9 @@ def _draw_settings(layout, context):
     col.prop(s, "guidance")
     col = layout.column(align=True)
     col.prop(s, "target_vertices")
-    col.prop(s, "reference_frame")
+    col.prop(s, "auto_reference")
+    if not s.auto_reference:
+        col.prop(s, "reference_frame")
     col.prop(s, "smoothing")
     col = layout.column(align=True)
     col.prop(s, "height")

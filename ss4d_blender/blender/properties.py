@@ -27,8 +27,11 @@ class SS4D_PG_settings(bpy.types.PropertyGroup):
                             description="Guidance strength of the structure stage (0 = the model's default)")
     target_vertices: IntProperty(name="Vertices", default=20000, min=500, max=500000,
                                  description="Vertex count of the animated mesh")
-    reference_frame: IntProperty(name="Reference Frame", default=-1, min=-1,
-                                 description="Generated frame that gives the topology (-1 = the most complete)")
+    auto_reference: BoolProperty(name="Automatic Reference", default=True,
+                                 description="Take the mesh's topology from the most complete generated shape")
+    reference_frame: IntProperty(name="Reference Frame", default=1,
+                                 description="Timeline frame whose generated shape gives the mesh's topology "
+                                             "(the nearest generated frame)")
     smoothing: FloatProperty(name="Smoothing", default=0.0, min=0.0, max=10.0,
                              description="Temporal smoothing of vertex trajectories (0 = off)")
     height: FloatProperty(name="Height", default=1.8, min=0.001, unit="LENGTH", description="Object height")
