@@ -131,6 +131,10 @@ def test_graph_nodes_do_not_reach_across_a_gap(resolution):
     assert not crossing.any()
     assert torch.equal(side_n[g.edge_j], side_n[g.edge_k])
     assert g.num_surface >= 160 and int(side_n.sum()) > 40 and int((~side_n).sum()) > 40
+    # built in row chunks (bounded memory on large meshes), the graph is the same
+    chunked = DeformationGraph(rest, torch.from_numpy(seq.faces[0].astype(np.int64)), 160, chunk=1000)
+    assert torch.equal(chunked.near, g.near) and torch.equal(chunked.weights, g.weights)
+    assert torch.equal(chunked.edge_j, g.edge_j) and torch.equal(chunked.edge_k, g.edge_k)
 
 
 def test_graph_weights_are_finite_on_crumpled_surfaces():

@@ -113,10 +113,18 @@ class SurfacePaths:
 
     def from_seeds(self, vertex: torch.Tensor, column: torch.Tensor, distance: torch.Tensor,
                    columns: int) -> torch.Tensor:
-        """[V, columns]: column c's distance from its seeds (vertex[s], starting at distance[s])."""
-        d = path_distances(self.points, self.edges, self.labels[vertex], column,
-                           distance + self.to_point[vertex], columns, self.reach)
-        return d[self.labels] + self.to_point[:, None]
+        """Column c's distance from its seeds (vertex[s], starting at distance[s]) at every coarse
+        point [P, columns]; `at` reads them off for vertices."""
+        return path_distances(self.points, self.edges, self.labels[vertex], column,
+                              distance + self.to_point[vertex], columns, self.reach)
+
+    def at(self, rows: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """Distances [R, columns] of the vertices `rows` from coarse distances [P, columns]."""
+        return coarse[self.labels[rows]] + self.to_point[rows, None]
+
+    def unreached(self, coarse: torch.Tensor) -> torch.Tensor:
+        """Vertices [V] bool that no column reaches."""
+        return torch.isinf(coarse).all(1)[self.labels]
 
 
 DETOUR = 2.0          # a node counts as near when the surface path is at most this times the straight line
@@ -134,28 +142,26 @@ class DeformationGraph:
     nodes within ~1.75 grid cells that reach a common stretch of surface."""
 
     def __init__(self, rest: torch.Tensor, faces: torch.Tensor, nodes: int = 256, neighbours: int = 4,
-                 interior: bool = True, extra_nodes: int = 64):
+                 interior: bool = True, extra_nodes: int = 64, chunk: int = 65536):
         self.rest = rest
         idx = farthest_point_sampling(rest, nodes)
         area = float(face_areas(rest, faces).sum())
         diag = float((rest.max(0).values - rest.min(0).values).norm())
         self.spacing = max((area / idx.shape[0]) ** 0.5, 1e-6 * diag)
-        reach = 3.0 * self.spacing
-
-        paths = SurfacePaths(rest, faces, reach)
+        paths = SurfacePaths(rest, faces, reach=3.0 * self.spacing)
 
         def from_vertices(vertices: torch.Tensor) -> torch.Tensor:
             cols = torch.arange(vertices.shape[0], device=rest.device)
             return paths.from_seeds(vertices, cols, torch.zeros_like(cols, dtype=rest.dtype), vertices.shape[0])
 
-        dist = from_vertices(idx)                                           # [V, N_surface]
+        coarse = from_vertices(idx)                                         # [P, N_surface]
         # a part no node reaches (a separate piece between the samples) gets nodes of its own
         for _ in range(extra_nodes):
-            lost = torch.nonzero(torch.isinf(dist).all(1))[:, 0]
+            lost = torch.nonzero(paths.unreached(coarse))[:, 0]
             if lost.numel() == 0:
                 break
             idx = torch.cat([idx, lost[:1]])
-            dist = torch.cat([dist, from_vertices(lost[:1])], 1)
+            coarse = torch.cat([coarse, from_vertices(lost[:1])], 1)
         surface_nodes = rest[idx]
         inner = rest.new_zeros(0, 3)
         if interior and faces.shape[0] and surface_nodes.shape[0] >= 8:
@@ -164,40 +170,64 @@ class DeformationGraph:
             # an interior node starts from the surface around it: vertices not much further than its
             # nearest that face away from it (the node is behind them, inside; not another part's)
             d = torch.cdist(inner, rest)                                     # [N_in, V]
-            facing_away = ((rest[None] - inner[:, None]) * vertex_normals(rest, faces)[None]).sum(-1) > 0
+            normals = vertex_normals(rest, faces)
+            facing_away = (rest * normals).sum(1)[None] - inner @ normals.T > 0   # (v − node)·n_v > 0
             col, vert = torch.nonzero((d <= 1.25 * d.min(1, keepdim=True).values) & facing_away, as_tuple=True)
-            dist = torch.cat([dist, paths.from_seeds(vert, col, d[col, vert], inner.shape[0])], 1)
+            coarse = torch.cat([coarse, paths.from_seeds(vert, col, d[col, vert], inner.shape[0])], 1)
         self.nodes = torch.cat([surface_nodes, inner])                     # [N, 3]
         self.num_surface = surface_nodes.shape[0]
-        n = self.nodes.shape[0]
-        # weights by distance through space, but only from nodes the surface path does not take a
-        # long way round to (across a tube: π/2 times the straight line; to the other leg: inf)
-        straight = torch.cdist(rest, self.nodes)                          # [V, N]
-        near_enough = dist <= DETOUR * straight + 0.5 * self.spacing
-        effective = torch.where(near_enough, straight, torch.full_like(straight, float("inf")))
-        # a vertex every node is a long way round from (a crumpled spot) follows the surface paths;
-        # one no node reaches at all (beyond extra_nodes), the nearest nodes through space
-        lost = ~near_enough.any(1)
-        effective[lost] = torch.where(torch.isfinite(dist[lost]).any(1, keepdim=True), dist[lost], straight[lost])
-        dist = effective
+        self.num_nodes = n = self.nodes.shape[0]
         k = min(neighbours, n)
+
+        near, weights, shared = [], [], torch.zeros(inner.shape[0], n, dtype=torch.bool, device=rest.device)
+        for s in range(0, rest.shape[0], chunk):
+            rows = torch.arange(s, min(s + chunk, rest.shape[0]), device=rest.device)
+            dist = self._node_distances(rest[rows], paths.at(rows, coarse))
+            near_k, w = self._blend_weights(dist, k, paths.reach)
+            near.append(near_k)
+            weights.append(w)
+            if inner.shape[0]:                                            # nodes reaching common vertices
+                touches = torch.isfinite(dist).to(rest.dtype)
+                shared |= (touches[:, self.num_surface:].T @ touches) > 0
+        self.near = torch.cat(near)                                       # [V, K]
+        self.weights = torch.cat(weights)                                 # [V, K]
+        self.offset = rest[:, None, :] - self.nodes[self.near]            # v_i − g_k  [V, K, 3]
+        self._connect(k, inner, shared)
+
+    def _node_distances(self, v: torch.Tensor, along: torch.Tensor) -> torch.Tensor:
+        """[R, N] distance of vertices v [R, 3] to every node through space, inf for nodes the surface
+        path (`along`, [R, N]) takes a long way round to (across a tube: π/2 times the straight
+        line; to the other leg: inf). A vertex every node is a long way round from (a crumpled spot)
+        keeps the surface paths; one no node reaches at all (beyond extra_nodes), the straight lines."""
+        straight = torch.cdist(v, self.nodes)
+        near_enough = along <= DETOUR * straight + 0.5 * self.spacing
+        dist = torch.where(near_enough, straight, torch.full_like(straight, float("inf")))
+        lost = ~near_enough.any(1)
+        dist[lost] = torch.where(torch.isfinite(along[lost]).any(1, keepdim=True), along[lost], straight[lost])
+        return dist
+
+    @staticmethod
+    def _blend_weights(dist: torch.Tensor, k: int, reach: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest nodes [R, k] and their weights [R, k] (zero for unreachable ones, rows sum
+        to one): (1 − d / d_(k+1))², d_(k+1) the next node's distance (or `reach`)."""
+        n = dist.shape[1]
         near_d, near = torch.topk(dist, min(k + 1, n), largest=False)
         radius = near_d[:, k:k + 1] if n > k else near_d.new_full((near_d.shape[0], 1), float("inf"))
         radius = torch.where(torch.isfinite(radius), radius, near_d.new_tensor(reach)).clamp(min=1e-20)
         near_d, near = near_d[:, :k], near[:, :k]
-        reached = torch.isfinite(near_d)
-        w = torch.where(reached, (1 - near_d / radius).clamp(min=0) ** 2 + 1e-8, torch.zeros_like(near_d))
-        self.weights = w / w.sum(1, keepdim=True)                         # [V, K]
-        self.near = near                                                  # [V, K]
-        self.offset = rest[:, None, :] - self.nodes[near]                 # v_i − g_k  [V, K, 3]
-        # neighbours: nodes influencing a common vertex, and interior nodes with nodes nearby
-        a = near[:, :, None].expand(-1, k, k).reshape(-1)
-        b = near[:, None, :].expand(-1, k, k).reshape(-1)
-        both = (reached[:, :, None] & reached[:, None, :]).reshape(-1)
+        w = torch.where(torch.isfinite(near_d), (1 - near_d / radius).clamp(min=0) ** 2 + 1e-8,
+                        torch.zeros_like(near_d))
+        return near, w / w.sum(1, keepdim=True)
+
+    def _connect(self, k: int, inner: torch.Tensor, shared: torch.Tensor) -> None:
+        """Regulariser edges: nodes influencing a common vertex, and interior nodes with nodes within
+        ~1.75 grid cells that reach a common vertex (`shared` [N_in, N])."""
+        a = self.near[:, :, None].expand(-1, k, k).reshape(-1)
+        b = self.near[:, None, :].expand(-1, k, k).reshape(-1)
+        active = self.weights > 0
+        both = (active[:, :, None] & active[:, None, :]).reshape(-1)
         pairs = [torch.stack([a, b], 1)[(a != b) & both]]
         if inner.shape[0]:
-            touches = torch.isfinite(dist).to(rest.dtype)                  # [V, N] node reaches vertex
-            shared = (touches[:, self.num_surface:].T @ touches) > 0       # [N_in, N]
             dn = torch.cdist(inner, self.nodes)
             ii, jj = torch.nonzero((dn <= 1.75 * self.spacing) & shared, as_tuple=True)
             ii = ii + self.num_surface
@@ -205,7 +235,6 @@ class DeformationGraph:
             pairs += [torch.stack([ii[keep], jj[keep]], 1), torch.stack([jj[keep], ii[keep]], 1)]
         pairs = torch.unique(torch.cat(pairs), dim=0)
         self.edge_j, self.edge_k = pairs[:, 0], pairs[:, 1]
-        self.num_nodes = n
 
     def restricted(self, rows: torch.Tensor) -> "DeformationGraph":
         """The same nodes and regulariser, driving only the vertices `rows` (a data subsample)."""
