@@ -1,7 +1,8 @@
 """Embedded deformation graph: the coarse stage of the fit.
 
 A few hundred nodes g_k (farthest-point samples of the rest mesh) each carry a rotation R_k and
-a translation t_k. Every vertex follows its K nearest nodes with smooth weights w_ik:
+a translation t_k. Every vertex follows its K nearest nodes (nearest through space among those
+not a long way round along the surface, so separate parts stay apart) with smooth weights w_ik:
 
     x_i = Σ_k w_ik [ R_k (v_i − g_k) + g_k + t_k ]
 
@@ -9,8 +10,8 @@ Nodes that influence a common vertex are neighbours; the regulariser asks neighb
     Σ_(j,k) | R_j e_jk + g_j + t_j − (g_k + t_k) |²,
 so the graph bends like a chain of rigid pieces. e_jk is the edge vector the regulariser keeps:
 g_k − g_j for the rest shape; the registration passes mostly the previous frame's shape (see
-`Deformer.kept_edge_vectors`). Rotations are explicit parameters, so large
-rotations (a limb bending 90°) are reached in a few Gauss-Newton steps, where vertex-level
+`Deformer.kept_edge_vectors`). Rotations are explicit parameters, so large rotations (a limb
+bending 90°) are reached in a few Gauss-Newton steps, where vertex-level
 local/global iterations only creep. The data term is the same per-vertex quadratic (blocks D_i,
 right-hand sides d_i) as the fine stage, so both stages see the same correspondences.
 """
