@@ -19,8 +19,8 @@ from ss4d_blender.engine.errors import Cancelled, InputError
 from ss4d_blender.engine.progress import Progress
 from ss4d_blender.engine.registration import register_sequence, smooth_trajectories
 from ss4d_blender.engine.registration.deform import Deformer, FitSettings
-from ss4d_blender.engine.registration.geometry import SurfaceDistance
-from ss4d_blender.engine.registration.graph import DeformationGraph, rodrigues
+from ss4d_blender.engine.registration.geometry import SurfaceDistance, path_distances, unique_edges
+from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
 from ss4d_blender.engine.registration.synthetic import icosphere, make_sequence, registration_errors
 from ss4d_blender.engine.types import Mesh
@@ -135,6 +135,55 @@ def test_graph_nodes_do_not_reach_across_a_gap(resolution):
     chunked = DeformationGraph(rest, torch.from_numpy(seq.faces[0].astype(np.int64)), 160, chunk=1000)
     assert torch.equal(chunked.near, g.near) and torch.equal(chunked.weights, g.weights)
     assert torch.equal(chunked.edge_j, g.edge_j) and torch.equal(chunked.edge_k, g.edge_k)
+
+
+def test_path_distances_match_dijkstra():
+    import heapq
+
+    v, f = icosphere(2)
+    v = torch.from_numpy(v * np.array([1.0, 0.6, 1.4]))
+    edges = unique_edges(torch.from_numpy(f))
+    adjacency = {i: [] for i in range(v.shape[0])}
+    for a, b in edges.tolist():
+        length = float((v[a] - v[b]).norm())
+        adjacency[a].append((b, length))
+        adjacency[b].append((a, length))
+    seeds = torch.tensor([0, 7, 7]), torch.tensor([0, 1, 1]), torch.tensor([0.0, 0.05, 0.3], dtype=v.dtype)
+    got = path_distances(v, edges, *seeds, columns=2, reach=1.5)
+    for column, (start, offset) in enumerate([(0, 0.0), (7, 0.05)]):
+        best, heap = {}, [(offset, start)]
+        while heap:
+            d, i = heapq.heappop(heap)
+            if i in best:
+                continue
+            best[i] = d
+            for j, length in adjacency[i]:
+                if j not in best:
+                    heapq.heappush(heap, (d + length, j))
+        expected = torch.tensor([best[i] if best[i] <= 1.5 else float("inf") for i in range(v.shape[0])],
+                                dtype=v.dtype)
+        finite = torch.isfinite(expected)
+        assert 0 < int(finite.sum()) < v.shape[0]                        # the reach cuts some off
+        assert torch.equal(torch.isfinite(got[:, column]), finite)
+        assert torch.allclose(got[finite, column], expected[finite], atol=1e-9)
+
+
+def test_surface_paths_on_clusters_follow_the_exact_paths():
+    """Large meshes measure paths along the surface on ~3000 vertex clusters: close to the exact
+    edge paths (a little longer on average), never much shorter (a shortcut would let a node across
+    a gap count as near), and nothing the exact paths reach within most of the reach is lost."""
+    seq = make_sequence("capsule_bend", 1, resolution=6, seed=3)
+    v, f = torch.from_numpy(seq.vertices[0]).double(), torch.from_numpy(seq.faces[0].astype(np.int64))
+    assert v.shape[0] > 8000
+    seeds, cols, zero = torch.tensor([0, 500, 5000, 9000]), torch.arange(4), torch.zeros(4, dtype=v.dtype)
+    exact = path_distances(v, unique_edges(f), seeds, cols, zero, 4, reach=1.0)
+    paths = SurfacePaths(v, f, reach=1.0)
+    assert 2500 < paths.points.shape[0] < 3500
+    approx = paths.at(torch.arange(v.shape[0]), paths.from_seeds(seeds, cols, zero, 4))
+    both = torch.isfinite(exact) & torch.isfinite(approx) & (exact > 0.2)
+    rel = ((approx - exact) / exact)[both]
+    assert both.sum() > 5000 and rel.abs().mean() < 0.15 and rel.min() > -0.2, (rel.mean(), rel.min())
+    assert not (torch.isfinite(exact) & (exact < 0.8) & ~torch.isfinite(approx)).any()
 
 
 def test_graph_weights_are_finite_on_crumpled_surfaces():
