@@ -50,7 +50,7 @@ def prior_energy(kind: str, seed: int, frames: int, resolution: float) -> str:
     def energy(rot, trans):
         res = (torch.einsum("eab,eb->ea", rot[g.edge_j], kept) + g.nodes[g.edge_j] + trans[g.edge_j]
                - g.nodes[g.edge_k] - trans[g.edge_k])
-        return float((res * res).sum())
+        return float((g.edge_weight * (res * res).sum(1)).sum())
 
     # the graph state closest to the analytic answer: strong point-to-point pull, negligible regulariser
     state = g.identity_state()

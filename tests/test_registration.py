@@ -186,6 +186,26 @@ def test_surface_paths_on_clusters_follow_the_exact_paths():
     assert not (torch.isfinite(exact) & (exact < 0.8) & ~torch.isfinite(approx)).any()
 
 
+def test_graph_ties_a_limb_loosely_along_its_axis_only():
+    """On the straight part of a capsule, regulariser edges along the axis weigh about
+    axial_stiffness, edges across it about 1; on a sphere no direction stands out."""
+    seq = make_sequence("capsule_twist", 1, resolution=1, seed=0)
+    capsule = DeformationGraph(torch.from_numpy(seq.vertices[0]).double(),
+                               torch.from_numpy(seq.faces[0].astype(np.int64)), 160, axial_stiffness=0.1)
+    j, k = capsule.edge_j, capsule.edge_k
+    direction = torch.nn.functional.normalize(capsule.nodes[k] - capsule.nodes[j], dim=1)
+    on_tube = (capsule.nodes[j, 2].abs() < 0.6) & (j < capsule.num_surface)
+    along, across = on_tube & (direction[:, 2].abs() > 0.9), on_tube & (direction[:, 2].abs() < 0.3)
+    assert along.sum() > 20 and across.sum() > 20
+    assert capsule.edge_weight[along].mean() < 0.25 and capsule.edge_weight[across].mean() > 0.9
+    v, f = icosphere(3)
+    sphere = DeformationGraph(torch.from_numpy(v), torch.from_numpy(f), 160, axial_stiffness=0.1)
+    assert sphere.edge_weight.mean() > 0.95
+    isotropic = DeformationGraph(torch.from_numpy(seq.vertices[0]).double(),
+                                 torch.from_numpy(seq.faces[0].astype(np.int64)), 160)
+    assert torch.equal(isotropic.edge_weight, torch.ones_like(isotropic.edge_weight))
+
+
 def test_graph_weights_are_finite_on_crumpled_surfaces():
     """Generated meshes can be crumpled (the tiny random-weight pipeline's are): where every node is a
     long way round along the surface, a vertex still gets finite weights that sum to one (this was a

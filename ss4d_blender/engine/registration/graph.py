@@ -129,6 +129,7 @@ class SurfacePaths:
 
 
 DETOUR = 2.0          # a node counts as near when the surface path is at most this times the straight line
+AXIS_RADIUS = 2.0     # a node's limb axis comes from the surface within this many node spacings
 
 
 class DeformationGraph:
@@ -140,11 +141,20 @@ class DeformationGraph:
     to it along the mesh (an interior node reaches the surface around it first), so parts that come
     close without being connected there (two legs, an arm at the body, separate objects) do not drag
     each other. Nodes are neighbours when they influence a common vertex; interior nodes also with
-    nodes within ~1.75 grid cells that reach a common stretch of surface."""
+    nodes within ~1.75 grid cells that reach a common stretch of surface.
+
+    On a limb (a tube-like part: the surface normals near a node all lie across one direction, its
+    axis) the regulariser ties a node to neighbours along the axis with `axial_stiffness` (< 1)
+    times the weight it gives neighbours across it: cross-sections stay rigid while the limb bends
+    or twists, and the stretch and squeeze a bend puts along it (outside and inside) is cheap, so
+    the fit no longer avoids it by sliding the surface along the limb. Elsewhere (spheres, flat or
+    blobby parts) every direction weighs the same."""
 
     def __init__(self, rest: torch.Tensor, faces: torch.Tensor, nodes: int = 256, neighbours: int = 4,
-                 interior: bool = True, extra_nodes: int = 64, chunk: int = 65536):
+                 interior: bool = True, axial_stiffness: float = 1.0, extra_nodes: int = 64,
+                 chunk: int = 65536):
         self.rest = rest
+        normals = vertex_normals(rest, faces)
         idx = farthest_point_sampling(rest, nodes)
         area = float(face_areas(rest, faces).sum())
         diag = float((rest.max(0).values - rest.min(0).values).norm())
@@ -171,7 +181,6 @@ class DeformationGraph:
             # an interior node starts from the surface around it: vertices not much further than its
             # nearest that face away from it (the node is behind them, inside; not another part's)
             d = torch.cdist(inner, rest)                                     # [N_in, V]
-            normals = vertex_normals(rest, faces)
             facing_away = (rest * normals).sum(1)[None] - inner @ normals.T > 0   # (v − node)·n_v > 0
             col, vert = torch.nonzero((d <= 1.25 * d.min(1, keepdim=True).values) & facing_away, as_tuple=True)
             coarse = torch.cat([coarse, paths.from_seeds(vert, col, d[col, vert], inner.shape[0])], 1)
@@ -181,6 +190,8 @@ class DeformationGraph:
         k = min(neighbours, n)
 
         near, weights, shared = [], [], torch.zeros(inner.shape[0], n, dtype=torch.bool, device=rest.device)
+        moments = torch.zeros(n, 3, 3, dtype=rest.dtype, device=rest.device)
+        count = torch.zeros(n, dtype=rest.dtype, device=rest.device)
         for s in range(0, rest.shape[0], chunk):
             rows = torch.arange(s, min(s + chunk, rest.shape[0]), device=rest.device)
             dist = self._node_distances(rest[rows], paths.at(rows, coarse))
@@ -190,10 +201,14 @@ class DeformationGraph:
             if inner.shape[0]:                                            # nodes reaching common vertices
                 touches = torch.isfinite(dist).to(rest.dtype)
                 shared |= (touches[:, self.num_surface:].T @ touches) > 0
+            around = (dist <= AXIS_RADIUS * self.spacing).to(rest.dtype)    # [R, N] surface near each node
+            moments += torch.einsum("rn,ra,rb->nab", around, normals[rows], normals[rows])
+            count += around.sum(0)
         self.near = torch.cat(near)                                       # [V, K]
         self.weights = torch.cat(weights)                                 # [V, K]
         self.offset = rest[:, None, :] - self.nodes[self.near]            # v_i − g_k  [V, K, 3]
-        self._connect(k, inner, shared)
+        self._connect(k, inner, shared, *self._axes(moments / count.clamp(min=1)[:, None, None]),
+                      axial_stiffness)
 
     def _node_distances(self, v: torch.Tensor, along: torch.Tensor) -> torch.Tensor:
         """[R, N] distance of vertices v [R, 3] to every node through space, inf for nodes the surface
@@ -220,9 +235,10 @@ class DeformationGraph:
                         torch.zeros_like(near_d))
         return near, w / w.sum(1, keepdim=True)
 
-    def _connect(self, k: int, inner: torch.Tensor, shared: torch.Tensor) -> None:
+    def _connect(self, k: int, inner: torch.Tensor, shared: torch.Tensor, axis: torch.Tensor,
+                 tubular: torch.Tensor, axial_stiffness: float) -> None:
         """Regulariser edges: nodes influencing a common vertex, and interior nodes with nodes within
-        ~1.75 grid cells that reach a common vertex (`shared` [N_in, N])."""
+        ~1.75 grid cells that reach a common vertex (`shared` [N_in, N]); and their weights."""
         a = self.near[:, :, None].expand(-1, k, k).reshape(-1)
         b = self.near[:, None, :].expand(-1, k, k).reshape(-1)
         active = self.weights > 0
@@ -236,6 +252,20 @@ class DeformationGraph:
             pairs += [torch.stack([ii[keep], jj[keep]], 1), torch.stack([jj[keep], ii[keep]], 1)]
         pairs = torch.unique(torch.cat(pairs), dim=0)
         self.edge_j, self.edge_k = pairs[:, 0], pairs[:, 1]
+        # along a limb's axis, neighbours are tied more loosely than across it (see the class notes)
+        direction = torch.nn.functional.normalize(self.nodes[self.edge_k] - self.nodes[self.edge_j], dim=1)
+        along = (direction * axis[self.edge_j]).sum(1) ** 2 * tubular[self.edge_j]
+        self.edge_weight = 1.0 - (1.0 - axial_stiffness) * along           # [E]
+
+    @staticmethod
+    def _axes(normal_moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From Σ n nᵀ of the surface normals near each node [N, 3, 3]: the direction they vary least
+        in (a limb's axis) [N, 3] and how clearly there is one [N] (1 on a tube; 0 on a sphere or a
+        flat patch, where no direction stands out)."""
+        values, vectors = torch.linalg.eigh(normal_moments)                # ascending
+        tubular = torch.where(values[:, 1] > 0.02, 1.0 - values[:, 0] / values[:, 1].clamp(min=1e-12),
+                              torch.zeros_like(values[:, 1]))
+        return vectors[:, :, 0], tubular.clamp(0.0, 1.0)
 
     def restricted(self, rows: torch.Tensor) -> "DeformationGraph":
         """The same nodes and regulariser, driving only the vertices `rows` (a data subsample)."""
@@ -279,11 +309,11 @@ class DeformationGraph:
         res = b + self.nodes[j] + trans[j] - self.nodes[kk] - trans[kk]
         jj = torch.cat([-_skew(b), eye.expand(b.shape[:-1] + (3, 3))], -1)     # wrt node j  [E,3,6]
         jk = torch.cat([torch.zeros_like(jj[..., :3]), -eye.expand(b.shape[:-1] + (3, 3))], -1)
-        s = stiffness
+        s = stiffness * self.edge_weight
         for (ja, ia) in ((jj, j), (jk, kk)):
-            grad.index_add_(0, ia, s * torch.einsum("eab,ea->eb", ja, res))
+            grad.index_add_(0, ia, s[:, None] * torch.einsum("eab,ea->eb", ja, res))
             for (jb, ib) in ((jj, j), (jk, kk)):
-                hess.index_add_(0, ia * n + ib, s * torch.einsum("eab,eac->ebc", ja, jb))
+                hess.index_add_(0, ia * n + ib, s[:, None, None] * torch.einsum("eab,eac->ebc", ja, jb))
 
         h = hess.reshape(n, n, 6, 6).permute(0, 2, 1, 3).reshape(6 * n, 6 * n)
         g = grad.reshape(-1)
@@ -314,4 +344,4 @@ class DeformationGraph:
         j, k = self.edge_j, self.edge_k
         res = (torch.einsum("eab,eb->ea", rot[j], kept) + self.nodes[j] + trans[j]
                - self.nodes[k] - trans[k])
-        return float(e_data + stiffness * (res * res).sum())
+        return float(e_data + stiffness * (self.edge_weight * (res * res).sum(1)).sum())
