@@ -152,11 +152,8 @@ class _GenerateJob:
         quality = {"ss4d_fit_error": [float(x) for x in data["fit_error"]],
                    "ss4d_bad_frames": [int(self.scene_frames[i]) for i in data["bad_frames"]]}
         if self.kind == "animate":
-            obj = scene_build.replace_animation(self.target_object, data["faces"], data["vertices"], colors,
-                                                self.scene_frames, reference, self.height)
-            for key, value in quality.items():
-                obj[key] = json.dumps(value)      # lists are stored as JSON, as build_animated_object does
-            return obj
+            return scene_build.replace_animation(self.target_object, data["faces"], data["vertices"], colors,
+                                                 self.scene_frames, reference, self.height, quality)
         name = f"SS4D_{self.strip_name}" if self.strip_name else "SS4D"
         settings = state.done.get("settings", {})
         props = {"ss4d_settings": settings, "ss4d_seed": int(settings.get("seed", 0)),

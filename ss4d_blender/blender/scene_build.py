@@ -146,14 +146,16 @@ def _remove(block) -> None:
             pass
 
 
-def replace_animation(obj, faces, vertices, colors, scene_frames, reference_frame, height):
+def replace_animation(obj, faces, vertices, colors, scene_frames, reference_frame, height,
+                      properties: dict | None = None):
     """Rebuild mesh: a new object built from a new animation takes the old one's place (same name,
-    collections, location, custom properties, selection and active state); the old object and its data
-    are removed."""
+    collections, location, custom properties with `properties` replacing theirs, selection and active
+    state); the old object and its data are removed."""
     context = bpy.context
     was_active = context.view_layer.objects.active == obj
     was_selected = obj.select_get()
     props = {k: obj[k] for k in obj.keys() if k.startswith("ss4d") and k not in ("ss4d_scale", "ss4d_offset")}
+    props.update(properties or {})
     collections = list(obj.users_collection)
     location = obj.location.copy()
     name = obj.name
