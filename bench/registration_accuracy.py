@@ -48,9 +48,7 @@ def prior_energy(kind: str, seed: int, frames: int, resolution: float) -> str:
     truth = torch.from_numpy(seq.deform(seq.rest[ref], last))
 
     def energy(rot, trans):
-        res = (torch.einsum("eab,eb->ea", rot[g.edge_j], kept) + g.nodes[g.edge_j] + trans[g.edge_j]
-               - g.nodes[g.edge_k] - trans[g.edge_k])
-        return float((g.edge_weight * (res * res).sum(1)).sum())
+        return g.regulariser_energy(rot, trans, kept)
 
     # the graph state closest to the analytic answer: strong point-to-point pull, negligible regulariser
     state = g.identity_state()

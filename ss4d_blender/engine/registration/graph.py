@@ -341,7 +341,11 @@ class DeformationGraph:
         """Data quadratic (correspondences held fixed, constant dropped) + stiffness · regulariser."""
         x = self.apply(rot, trans)
         e_data = (torch.einsum("vab,vb->va", data, x) * x).sum() - 2.0 * (rhs * x).sum()
+        return float(e_data) + stiffness * self.regulariser_energy(rot, trans, kept)
+
+    def regulariser_energy(self, rot, trans, kept: torch.Tensor) -> float:
+        """Σ_e w_e |R_j e_jk + g_j + t_j − g_k − t_k|² over the regulariser's edges."""
         j, k = self.edge_j, self.edge_k
         res = (torch.einsum("eab,eb->ea", rot[j], kept) + self.nodes[j] + trans[j]
                - self.nodes[k] - trans[k])
-        return float(e_data + stiffness * (self.edge_weight * (res * res).sum(1)).sum())
+        return float((self.edge_weight * (res * res).sum(1)).sum())
