@@ -3,11 +3,15 @@ correspondence error <= 1 % of the bounding-box diagonal at every frame, surface
 >= 99.5 % of faces keep their orientation). Prints one line per motion with the worst frame.
 
     python bench/registration_accuracy.py [--frames 32] [--noise 0.003] [--rest-share 0.1 0.0 1.0]
-        [--kinds capsule_bend:1 capsule_wave:1 ...] [--resolution 0.5] [--prior-energy]
+        [--kinds capsule_bend:1 capsule_wave:1 ...] [--resolution 0.5] [--prior-energy] [--sections]
 
 --prior-energy instead asks whether the prior or the optimiser limits the accuracy: for one step from
 the middle frame to the last, it compares the graph regulariser's energy of the analytic answer (the
 graph state that reproduces it best) with that of the fit, and fits once more starting from the answer.
+
+--sections also prints, for the worst frame, how far the cross-sections of the capsule (slices of the
+reference frame across z) have turned about y since the reference frame, in the truth and in the fit
+(each the best rigid fit of the slice's points): the waves' gap is a turn the surface cannot see.
 
 --noise adds Gaussian noise (this fraction of the diagonal) to every vertex of every frame, like
 per-frame flicker of generated meshes; the truth stays noise-free, so the reference frame's own
@@ -32,7 +36,7 @@ from ss4d_blender.engine.registration.synthetic import make_sequence, registrati
 from ss4d_blender.engine.types import Mesh  # noqa: E402
 
 KINDS = ["capsule_bend:1", "capsule_bend:2", "capsule_bend:3", "capsule_twist:1", "capsule_wave:1",
-         "cylinder_bend90:1", "sphere_bend:1", "capsule_pair_slide:1"]
+         "capsule_swim:1", "cylinder_bend90:1", "sphere_bend:1", "capsule_pair_slide:1"]
 RESOLUTION = {"cylinder_bend90": 0.3}     # as in tests/test_registration.py
 
 
@@ -50,12 +54,15 @@ def prior_energy(kind: str, seed: int, frames: int, resolution: float) -> str:
     def energy(rot, trans):
         return g.regulariser_energy(rot, trans, kept)
 
-    # the graph state closest to the analytic answer: strong point-to-point pull, negligible regulariser
+    # the graph state that reproduces the analytic answer with the least regulariser energy: a strong
+    # point-to-point pull with the regulariser at its own weight, so the nodes the vertices hardly follow
+    # (interior ones) sit where the regulariser puts them; a negligible regulariser weight leaves them
+    # wherever the pull happened to push them and overstated the answer's energy up to 7x
     state = g.identity_state()
     pull = 1e3 * torch.eye(3, dtype=rest.dtype).expand(rows.shape[0], 3, 3)
     for _ in range(40):
         x = deformer.graph_data.apply(*state)
-        state = deformer.graph_data.gauss_newton_step(*state, x, pull, 1e3 * truth[rows], 1e-6, kept)
+        state = deformer.graph_data.gauss_newton_step(*state, x, pull, 1e3 * truth[rows], 1.0, kept)
     answer_error = float((g.apply(*state) - truth).norm(dim=1).mean()) / seq.diagonal
     target = Target(torch.from_numpy(seq.vertices[last]).double(),
                     torch.from_numpy(seq.faces[last].astype(np.int64)), 2 * rest.shape[0],
@@ -69,6 +76,26 @@ def prior_energy(kind: str, seed: int, frames: int, resolution: float) -> str:
     return line
 
 
+def section_turns(seq, anim, frame: int, slices: int = 6) -> str:
+    """Turn about y (degrees) of slices across z of the reference frame's vertices, from the reference
+    frame to `frame`: truth -> fit per slice."""
+    r = anim.reference_frame
+    rest = seq.rest[r]
+    start, truth, fit = seq.deform(rest, r), seq.deform(rest, frame), anim.vertices[frame].astype(np.float64)
+
+    def turn(a, b):                         # rotation about y of the best rigid map a -> b
+        u, _, vt = np.linalg.svd((a - a.mean(0)).T @ (b - b.mean(0)))
+        rot = (u @ vt).T
+        return float(np.degrees(np.arctan2(rot[0, 2], rot[0, 0])))
+
+    edges = np.linspace(rest[:, 2].min(), rest[:, 2].max() + 1e-9, slices + 1)
+    parts = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (rest[:, 2] >= lo) & (rest[:, 2] < hi)
+        parts.append(f"{turn(start[m], truth[m]):+.0f}->{turn(start[m], fit[m]):+.0f}")
+    return f"    frame {frame}, slices along z, section turn truth->fit (deg): " + "  ".join(parts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=32)
@@ -77,6 +104,7 @@ def main() -> int:
     ap.add_argument("--kinds", nargs="+", default=KINDS, help="kind:seed")
     ap.add_argument("--resolution", type=float, default=None, help="default: as in the tests")
     ap.add_argument("--prior-energy", action="store_true")
+    ap.add_argument("--sections", action="store_true")
     args = ap.parse_args()
     if args.prior_energy:
         for item in args.kinds:
@@ -102,6 +130,8 @@ def main() -> int:
             print(f"rest_share {share:.2f}  {kind:16s} seed {seed}: correspondence {corr.max():.2%} "
                   f"(frame {corr.argmax()}), surface {surf.max():.3%}, flipped {flips.max():.2%}, "
                   f"{anim.vertices.shape[1]} vertices, {seconds:.1f} s", flush=True)
+            if args.sections:
+                print(section_turns(seq, anim, int(corr.argmax())), flush=True)
     return 0
 
 

@@ -108,10 +108,31 @@ def twist(points: np.ndarray, angle: float, z0: float, z1: float) -> np.ndarray:
 
 
 def wave(points: np.ndarray, amplitude: float, wavelength: float, shift: float) -> np.ndarray:
-    """Sideways travelling wave along z (a snake-like motion)."""
+    """Sideways travelling wave along z as a shear: every cross-section keeps its orientation and
+    moves along x (compare `swim`, where the sections turn with the body)."""
     out = points.copy()
     out[:, 0] += amplitude * np.sin(2 * math.pi * (points[:, 2] / wavelength - shift))
     return out
+
+
+def swim(points: np.ndarray, angle: float, wavelength: float, shift: float, samples: int = 4001) -> np.ndarray:
+    """Bending wave travelling along z, the way an eel swims: the axis keeps its length (z is arc
+    length along it) and bends into a serpenoid curve, whose direction turns by
+    θ(s) = angle·sin(2π(s/λ − shift)) from z, with s = 0 fixed at the origin; every cross-section
+    stays rigid and normal to the curve. The curve is integrated numerically (trapezoid rule on
+    `samples` points), far finer than any mesh."""
+    z = points[:, 2]
+    s = np.linspace(min(z.min(), 0.0), max(z.max(), 0.0), samples)
+    theta = angle * np.sin(2 * math.pi * (s / wavelength - shift))
+
+    def integral(f):                         # ∫_0^s f, on the grid
+        c = np.concatenate([[0.0], np.cumsum(0.5 * np.diff(s) * (f[1:] + f[:-1]))])
+        return c - np.interp(0.0, s, c)
+
+    axis_x, axis_z = np.interp(z, s, integral(np.sin(theta))), np.interp(z, s, integral(np.cos(theta)))
+    th = angle * np.sin(2 * math.pi * (z / wavelength - shift))
+    x = points[:, 0]                          # along the section's normal (cos θ, 0, −sin θ)
+    return np.stack([axis_x + x * np.cos(th), points[:, 1], axis_z - x * np.sin(th)], 1)
 
 
 def slide_right_part(points: np.ndarray, distance: float) -> np.ndarray:
@@ -146,7 +167,8 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     """kind: 'sphere_bend', 'capsule_bend', 'capsule_twist', 'capsule_wave', 'cylinder_bend90',
     'flower_open' (a ball growing five petals up to 4x its radius: strong, non-isometric change),
     'capsule_pair_slide' (two round capsules side by side, PAIR_GAP apart, one sliding past the other
-    like scissoring legs: parts close in space that must not drag each other).
+    like scissoring legs: parts close in space that must not drag each other), 'capsule_swim' (the
+    travelling wave as a bending wave: see `swim`; 'capsule_wave' is the shear version).
     resolution scales the per-frame vertex count (1 -> roughly 0.7k-2.5k vertices, 0.5 -> half)."""
     rng = np.random.default_rng(seed)
     r, h, squash = 0.5, 1.0, 0.7
@@ -159,6 +181,8 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
         motion = lambda p, u: twist(p, math.pi / 3 * u, -1.5, 1.5)
     elif kind == "capsule_wave":
         motion = lambda p, u: wave(p, 0.12, 3.0, 0.5 * u)
+    elif kind == "capsule_swim":
+        motion = lambda p, u: swim(p, 0.25, 3.0, 0.5 * u)
     elif kind == "flower_open":
         r, h, squash = 0.5, 0.0, 1.0
         motion = lambda p, u: open_petals(p, 3.0 * u)
