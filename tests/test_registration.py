@@ -19,7 +19,7 @@ from ss4d_blender.engine.errors import Cancelled, InputError
 from ss4d_blender.engine.progress import Progress
 from ss4d_blender.engine.registration import register_sequence, smooth_trajectories
 from ss4d_blender.engine.registration.deform import Deformer, FitSettings
-from ss4d_blender.engine.registration.geometry import SurfaceDistance, path_distances, unique_edges
+from ss4d_blender.engine.registration.geometry import SurfaceDistance, path_distances, unique_edges, unique_pairs
 from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
 from ss4d_blender.engine.registration.synthetic import icosphere, make_sequence, registration_errors
@@ -241,6 +241,14 @@ def test_graph_weights_are_finite_on_crumpled_surfaces():
         g = DeformationGraph(torch.from_numpy(v).float(), torch.from_numpy(f), 160)
         assert torch.isfinite(g.weights).all(), seed
         assert torch.allclose(g.weights.sum(1), torch.ones(len(v)), atol=1e-5)
+
+
+def test_unique_pairs_matches_torch_unique():
+    g = torch.Generator().manual_seed(0)
+    for high in (3, 50, 100_000):
+        pairs = torch.randint(0, high, (2000, 2), generator=g)
+        assert torch.equal(unique_pairs(pairs), torch.unique(pairs, dim=0))
+    assert unique_pairs(torch.zeros(0, 2, dtype=torch.long)).shape == (0, 2)
 
 
 def test_grid_nearest_neighbour_is_exact():

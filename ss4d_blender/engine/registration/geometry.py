@@ -29,12 +29,21 @@ def vertex_normals(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(n, dim=1, eps=1e-20)
 
 
+def unique_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """The distinct rows of a non-negative integer tensor [E, 2], sorted: what torch.unique(dim=0) gives,
+    but each row packed into one int64 key first, which is ~10x faster on the CPU."""
+    if pairs.shape[0] == 0:
+        return pairs
+    n = int(pairs.max()) + 1
+    keys = torch.unique(pairs[:, 0] * n + pairs[:, 1])
+    return torch.stack([keys // n, keys % n], 1)
+
+
 def unique_edges(f: torch.Tensor) -> torch.Tensor:
     """Undirected edges [E, 2] (i < j) of a face list."""
     e = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]], 0)
     e = torch.sort(e, dim=1).values
-    e = e[e[:, 0] != e[:, 1]]
-    return torch.unique(e, dim=0)
+    return unique_pairs(e[e[:, 0] != e[:, 1]])
 
 
 def path_distances(points: torch.Tensor, edges: torch.Tensor, seed_point: torch.Tensor,

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .geometry import face_areas, path_distances, unique_edges, vertex_normals
+from .geometry import face_areas, path_distances, unique_edges, unique_pairs, vertex_normals
 from .knn import PointGrid
 from .simplify import cluster_labels
 
@@ -106,7 +106,7 @@ class SurfacePaths:
             size = torch.zeros(count, dtype=v.dtype, device=v.device).index_add_(0, labels, torch.ones_like(v[:, 0]))
             self.points = torch.zeros(count, 3, dtype=v.dtype, device=v.device).index_add_(0, labels, v) / size[:, None]
             e = labels[edges]
-            edges = torch.unique(torch.sort(e[e[:, 0] != e[:, 1]], dim=1).values, dim=0)
+            edges = unique_pairs(torch.sort(e[e[:, 0] != e[:, 1]], dim=1).values)
         else:
             labels, self.points = torch.arange(v.shape[0], device=v.device), v
         self.labels, self.edges, self.reach = labels, edges, reach
@@ -250,7 +250,7 @@ class DeformationGraph:
             ii = ii + self.num_surface
             keep = ii != jj
             pairs += [torch.stack([ii[keep], jj[keep]], 1), torch.stack([jj[keep], ii[keep]], 1)]
-        pairs = torch.unique(torch.cat(pairs), dim=0)
+        pairs = unique_pairs(torch.cat(pairs))
         self.edge_j, self.edge_k = pairs[:, 0], pairs[:, 1]
         # along a limb's axis, neighbours are tied more loosely than across it (see the class notes)
         direction = torch.nn.functional.normalize(self.nodes[self.edge_k] - self.nodes[self.edge_j], dim=1)
