@@ -57,7 +57,7 @@ def prior_energy(kind: str, seed: int, frames: int, resolution: float) -> str:
     # the graph state that reproduces the analytic answer with the least regulariser energy: a strong
     # point-to-point pull with the regulariser at its own weight, so the nodes the vertices hardly follow
     # (interior ones) sit where the regulariser puts them; a negligible regulariser weight leaves them
-    # wherever the pull happened to push them and overstated the answer's energy up to 7x
+    # wherever the pull happened to push them and overstated the answer's energy up to 15x
     state = g.identity_state()
     pull = 1e3 * torch.eye(3, dtype=rest.dtype).expand(rows.shape[0], 3, 3)
     for _ in range(40):

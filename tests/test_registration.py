@@ -41,7 +41,7 @@ def _xfail(measured: str):
     return pytest.mark.xfail(strict=True, reason=(
         "known gap, measured " + measured + " mean correspondence error (bound 1%); the surface fit "
         "and orientation pass, but the analytic motion is not the minimum of the rigidity prior "
-        "(in one step it costs 2.6-44x the fit's regulariser energy, and a fit started from it slides "
+        "(in one step it costs 2-59x the fit's regulariser energy, and a fit started from it slides "
         "back: bench/registration_accuracy.py --prior-energy), and the surface alone cannot tell"))
 
 
@@ -49,11 +49,11 @@ MOTIONS = [("sphere_bend", 1), ("capsule_bend", 1), ("capsule_bend", 2), ("capsu
            ("capsule_twist", 1), ("capsule_wave", 1), ("capsule_swim", 1), ("cylinder_bend90", 1),
            ("capsule_pair_slide", 1)]
 KNOWN_GAPS = {   # measured max over the 32 frames at this resolution
-    ("sphere_bend", 1): "3.6% at the end frames (the motion ends on a perfect sphere, so every rotation "
+    ("sphere_bend", 1): "3.3% at the end frames (the motion ends on a perfect sphere, so every rotation "
                         "fits the surface equally; the analytic motion's choice is a convention)",
-    ("capsule_wave", 1): "1.7% (the wave shears cross-sections, which keep their orientation; the fit "
-                         "turns them about half as far as the body turns)",
-    ("capsule_swim", 1): "2.0% (the bending wave turns cross-sections with the body; the fit turns "
+    ("capsule_wave", 1): "1.9% (the wave shears cross-sections, which keep their orientation; the fit "
+                         "turns them most of the way with the body)",
+    ("capsule_swim", 1): "1.9% (the bending wave turns cross-sections with the body; the fit turns "
                          "them about half as far: the same compromise from the other side)",
 }
 
@@ -229,6 +229,48 @@ def test_graph_ties_a_limb_loosely_along_its_axis_only():
     isotropic = DeformationGraph(torch.from_numpy(seq.vertices[0]).double(),
                                  torch.from_numpy(seq.faces[0].astype(np.int64)), 160)
     assert torch.equal(isotropic.edge_weight, torch.ones_like(isotropic.edge_weight))
+
+
+def _flat_sheet(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A flat square sheet in z = 0: vertices [n*n, 3] float64, faces int64."""
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    v = np.stack([i.ravel(), j.ravel(), 0 * i.ravel()], 1) / (n - 1)
+    q = (i[:-1, :-1] * n + j[:-1, :-1]).ravel()
+    return v, np.concatenate([np.stack([q, q + n, q + 1], 1), np.stack([q + 1, q + n, q + n + 1], 1)])
+
+
+def test_flat_sheet_registers():
+    """A perfectly flat reference (a flag at rest, a card): the interior-node search once crashed on
+    the zero thickness."""
+    v, f = _flat_sheet(24)
+    frames = []
+    for t in range(6):
+        moved = v.copy()
+        moved[:, 2] = 0.08 * t * np.sin(np.pi * v[:, 0])            # the sheet bulges
+        frames.append(Mesh(moved.astype(np.float32), f.astype(np.int32)))
+    anim = register_sequence(frames, reference_frame=0, target_vertices=10 ** 9)
+    assert np.isfinite(anim.vertices).all() and anim.info["bad_frames"] == []
+    assert anim.fit_error.max() < 0.005 * np.sqrt(2.0)
+
+
+def test_vertices_follow_the_body_core_as_core_binding_asks():
+    """core_binding: vertices weigh the nodes inside the body as if they were that much nearer, so the
+    surface moves with the core instead of sliding over it. Without it (1) a capsule's vertices put
+    ~3 % of their weight on interior nodes; with the default (3) most of it. A flat sheet has no
+    interior nodes, so nothing changes there."""
+    seq = make_sequence("capsule_bend", 1, resolution=0.5, seed=1)
+    v, f = torch.from_numpy(seq.vertices[0]).double(), torch.from_numpy(seq.faces[0].astype(np.int64))
+    share = {}
+    for binding in (1.0, FitSettings().core_binding):
+        g = DeformationGraph(v, f, 96, core_binding=binding)
+        assert g.num_nodes > g.num_surface
+        assert torch.allclose(g.weights.sum(1), torch.ones(len(v), dtype=v.dtype))
+        share[binding] = float((g.weights * (g.near >= g.num_surface)).sum(1).mean())
+    assert share[1.0] < 0.1 and share[FitSettings().core_binding] > 0.4, share
+    sheet_v, sheet_f = (torch.from_numpy(a) for a in _flat_sheet(20))
+    plain, bound = (DeformationGraph(sheet_v, sheet_f, 40, core_binding=b) for b in (1.0, 3.0))
+    assert plain.num_nodes == plain.num_surface
+    assert torch.equal(plain.weights, bound.weights) and torch.equal(plain.near, bound.near)
 
 
 def test_graph_weights_are_finite_on_crumpled_surfaces():

@@ -56,6 +56,7 @@ class FitSettings:
     rest_share: float = 0.1                         # graph keeps the previous frame's shape, blended
                                                     # with this share of the rest shape
     axial_stiffness: float = 0.1                    # graph ties along a limb's axis this much (vs across)
+    core_binding: float = 3.0                       # vertices weigh interior nodes as if this much nearer
 
 
 class Target:
@@ -110,7 +111,8 @@ class Deformer:
         self.mean_edge = float(self.rest_length.mean()) if self.rest_length.numel() else self.diag
         nodes = min(self.settings.graph_nodes, max(48, nv // self.settings.vertices_per_node))
         self.graph = DeformationGraph(rest, faces, nodes, interior=self.settings.interior_nodes,
-                                      axial_stiffness=self.settings.axial_stiffness)
+                                      axial_stiffness=self.settings.axial_stiffness,
+                                      core_binding=self.settings.core_binding)
         if nv > self.settings.graph_vertices:
             pick = torch.randperm(nv, generator=torch.Generator().manual_seed(0))[:self.settings.graph_vertices]
             self.graph_rows = torch.sort(pick).values.to(rest.device)
