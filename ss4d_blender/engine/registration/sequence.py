@@ -49,10 +49,18 @@ def _validate(meshes: Sequence[Mesh]) -> list[bool]:
         ok = v.shape[0] >= 3 and f.shape[0] >= 1 and bool(np.isfinite(v).all())
         if ok and (f.min() < 0 or f.max() >= v.shape[0]):
             raise InputError(f"Frame {t}: face indices point outside the vertex list.")
-        usable.append(ok)
+        usable.append(ok and _has_area(v, f))
     if not any(usable):
-        raise InputError("No frame has a usable mesh (all are empty or contain NaN).")
+        raise InputError("No frame has a usable mesh (all are empty, flat to a line or point, or contain NaN).")
     return usable
+
+
+def _has_area(v: np.ndarray, f: np.ndarray) -> bool:
+    """Whether the faces cover any area (a mesh collapsed to a line or a point has none to fit to)."""
+    v = v.astype(np.float64)
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+    diag = float(np.linalg.norm(v.max(0) - v.min(0)))
+    return bool(area > 1e-12 * diag * diag) and diag > 0
 
 
 def _completeness(mesh: Mesh) -> float:
