@@ -55,21 +55,23 @@ def _validate(meshes: Sequence[Mesh]) -> list[bool]:
     return usable
 
 
+def _area(v: np.ndarray, f: np.ndarray) -> float:
+    v = np.asarray(v, np.float64)
+    return float(0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum())
+
+
 def _has_area(v: np.ndarray, f: np.ndarray) -> bool:
     """Whether the faces cover any area (a mesh collapsed to a line or a point has none to fit to)."""
-    v = v.astype(np.float64)
-    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
     diag = float(np.linalg.norm(v.max(0) - v.min(0)))
-    return bool(area > 1e-12 * diag * diag) and diag > 0
+    return diag > 0 and _area(v, f) > 1e-12 * diag * diag
 
 
 def _completeness(mesh: Mesh) -> float:
     """Surface area with open boundaries penalised: area × (1 − boundary-edge share)."""
-    v = np.asarray(mesh.vertices, np.float64)
     f = np.asarray(mesh.faces, np.int64)
-    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+    area = _area(mesh.vertices, f)
     e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
-    _, counts = np.unique(e, axis=0, return_counts=True)
+    _, counts = np.unique(e[:, 0] * (int(f.max()) + 1) + e[:, 1], return_counts=True)   # edges as int64 keys
     boundary = float((counts == 1).sum()) / max(len(counts), 1)
     return float(area) * (1.0 - boundary)
 
