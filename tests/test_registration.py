@@ -1,9 +1,10 @@
 """Registration: one mesh through all frames.
 
-Ground truth is built here: analytic motions (bend, twist, travelling wave, a 90° joint bend) of
-a sphere / capsule / cylinder, every frame meshed independently (different resolution and a
-random rotation of the parametrisation), so vertex counts and topology differ between frames.
-The registered vertices are compared with the analytic map of the reference frame's vertices.
+Ground truth is built here: analytic motions (bend, twist, a travelling wave both as a shear and as a
+swimming bend, a 90° joint bend, parts sliding past each other) of a sphere / capsule / cylinder, every
+frame meshed independently (different resolution and a random rotation of the parametrisation), so
+vertex counts and topology differ between frames. The registered vertices are compared with the analytic
+map of the reference frame's vertices.
 """
 from __future__ import annotations
 
