@@ -21,7 +21,7 @@ from ss4d_blender.engine.progress import Progress
 from ss4d_blender.engine.registration import register_sequence, smooth_trajectories
 from ss4d_blender.engine.registration.deform import Deformer, FitSettings
 from ss4d_blender.engine.registration.geometry import SurfaceDistance, path_distances, unique_edges, unique_pairs
-from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, rodrigues
+from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, interior_points, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
 from ss4d_blender.engine.registration.synthetic import icosphere, make_sequence, registration_errors
 from ss4d_blender.engine.types import Mesh
@@ -252,6 +252,15 @@ def test_flat_sheet_registers():
     anim = register_sequence(frames, reference_frame=0, target_vertices=10 ** 9)
     assert np.isfinite(anim.vertices).all() and anim.info["bad_frames"] == []
     assert anim.fit_error.max() < 0.005 * np.sqrt(2.0)
+
+
+def test_interior_of_a_thin_closed_slab_is_found_or_empty_never_a_crash():
+    """A closed slab thicker than the first grid cell but thinner than the cells the grid grows to
+    (its bounding box holds too many cells) once crashed building the coarser grid."""
+    v, f = icosphere(3)
+    slab = torch.from_numpy(v * np.array([2.0, 2.0, 0.15]))
+    inner = interior_points(slab, torch.from_numpy(f), 0.25, max_points=4)
+    assert inner.shape[1] == 3 and inner.shape[0] <= 4
 
 
 def test_vertices_follow_the_body_core_as_core_binding_asks():

@@ -74,16 +74,14 @@ def interior_points(rest: torch.Tensor, faces: torch.Tensor, spacing: float, max
     """Points of a grid (cell `spacing`) inside the closed parts of the mesh and at least half a
     cell from its surface. Open sheets and parts thinner than a cell get none."""
     lo, hi = rest.min(0).values, rest.max(0).values
-    if bool(((hi - lo) < spacing).any()):                 # flat or thinner than a cell: no interior
-        return rest.new_zeros(0, 3)
-    for _ in range(4):
+    for _ in range(4):                                    # coarser cells until the grid is small enough
+        if bool(((hi - lo) < spacing).any()):             # flat or thinner than a cell: no interior
+            return rest.new_zeros(0, 3)
         axes = [torch.arange(float(lo[i]) + 0.5 * spacing, float(hi[i]), spacing, dtype=rest.dtype,
                              device=rest.device) for i in range(3)]
-        if all(a.numel() for a in axes) and axes[0].numel() * axes[1].numel() * axes[2].numel() <= 8 * max_points:
+        if axes[0].numel() * axes[1].numel() * axes[2].numel() <= 8 * max_points:
             break
         spacing *= 1.5
-    if not all(a.numel() for a in axes):
-        return rest.new_zeros(0, 3)
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     _, depth = PointGrid(rest).query(grid)
     grid = grid[depth >= 0.5 * spacing]
