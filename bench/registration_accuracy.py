@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ss4d_blender.engine.registration import register_sequence  # noqa: E402
-from ss4d_blender.engine.registration.deform import Deformer, FitSettings, Target  # noqa: E402
+from ss4d_blender.engine.registration.deform import Deformer, FitSettings, Target, best_rotations  # noqa: E402
 from ss4d_blender.engine.registration.synthetic import make_sequence, registration_errors  # noqa: E402
 from ss4d_blender.engine.types import Mesh  # noqa: E402
 
@@ -84,8 +84,8 @@ def section_turns(seq, anim, frame: int, slices: int = 6) -> str:
     start, truth, fit = seq.deform(rest, r), seq.deform(rest, frame), anim.vertices[frame].astype(np.float64)
 
     def turn(a, b):                         # rotation about y of the best rigid map a -> b
-        u, _, vt = np.linalg.svd((a - a.mean(0)).T @ (b - b.mean(0)))
-        rot = (u @ vt).T
+        cov = torch.from_numpy((a - a.mean(0)).T @ (b - b.mean(0)))
+        rot = best_rotations(cov[None])[0].numpy()
         return float(np.degrees(np.arctan2(rot[0, 2], rot[0, 0])))
 
     edges = np.linspace(rest[:, 2].min(), rest[:, 2].max() + 1e-9, slices + 1)

@@ -158,8 +158,9 @@ def generate(args) -> int:
           f"{len(obj.data.shape_keys.key_blocks) - 1} shape keys; result file {obj['ss4d_result_file']})")
     if obj.get("ss4d_random_weights"):
         print("warning: made with the tiny random-weight pipeline: the result is noise", file=sys.stderr)
-    if json.loads(obj["ss4d_bad_frames"]):
-        print(f"warning: {poor_fit_message(json.loads(obj['ss4d_bad_frames']))}", file=sys.stderr)
+    poor_fit = poor_fit_message(json.loads(obj["ss4d_bad_frames"]))
+    if poor_fit:
+        print(f"warning: {poor_fit}", file=sys.stderr)
     for path in args.export:
         export(path.resolve(), obj, json.loads(obj["ss4d_scene_frames"]))
         print(f"exported {path}")

@@ -74,7 +74,7 @@ def _block_inverse(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(m)
 
 
-def _rotations(cov: torch.Tensor) -> torch.Tensor:
+def best_rotations(cov: torch.Tensor) -> torch.Tensor:
     """Closest rotation R maximising tr(R cov) per [3,3] block: cov = U S Vᵀ -> R = V Uᵀ."""
     u, _, vh = torch.linalg.svd(cov)
     r = vh.transpose(1, 2) @ u.transpose(1, 2)
@@ -219,7 +219,7 @@ class Deformer:
             cur_edge = x[self.src] - x[self.dst]
             cov = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype, device=x.device)
             cov = cov.index_add(0, self.src, rest_edge[:, :, None] * cur_edge[:, None, :])
-            rot = _rotations(cov)
+            rot = best_rotations(cov)
             rot_edge = 0.5 * torch.einsum("eab,eb->ea", rot[self.src] + rot[self.dst], rest_edge)
             dir_edge = torch.nn.functional.normalize(cur_edge, dim=1, eps=1e-20) * rest_length[:, None]
             target_edge = (lam_r * rot_edge + lam_e * dir_edge) / (lam_r + lam_e)

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..progress import Progress
 from ..types import AnimatedMesh, GaussianSet, Mesh
 from .deform import Deformer, FitSettings, Target
-from .geometry import SurfaceDistance, face_normals
+from .geometry import SurfaceDistance, face_areas, face_normals
 from .knn import PointGrid
 from .simplify import simplify_to_vertices
 
@@ -56,8 +56,7 @@ def _validate(meshes: Sequence[Mesh]) -> list[bool]:
 
 
 def _area(v: np.ndarray, f: np.ndarray) -> float:
-    v = np.asarray(v, np.float64)
-    return float(0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum())
+    return float(face_areas(torch.from_numpy(np.asarray(v, np.float64)), torch.from_numpy(np.asarray(f, np.int64))).sum())
 
 
 def _has_area(v: np.ndarray, f: np.ndarray) -> bool:
