@@ -2,7 +2,9 @@
 independently), on the CPU or a GPU. Prints one result line; `--record` appends it to the
 "Registration" section of bench/RESULTS.md.
 
-    python bench/registration.py [--device cpu|cuda|mps] [--frames 32] [--vertices 20000] [--record]
+    python bench/registration.py [--device cpu|cuda|mps] [--frames 32] [--vertices 20000] [--textured] [--record]
+
+--textured paints a colour pattern on the material (`synthetic.texture`), so the fit matches colours too.
 """
 from __future__ import annotations
 
@@ -42,11 +44,13 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--vertices", type=int, default=20000)
     ap.add_argument("--kind", default="capsule_bend")
+    ap.add_argument("--textured", action="store_true")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
     # per-frame meshes of about 1.2x the target vertex count; the reference is simplified to the target
-    seq = make_sequence(args.kind, args.frames, resolution=max(1, round(args.vertices * 1.2 / 1900)), seed=0)
-    meshes = [Mesh(v, f) for v, f in zip(seq.vertices, seq.faces)]
+    seq = make_sequence(args.kind, args.frames, resolution=max(1, round(args.vertices * 1.2 / 1900)), seed=0,
+                        textured=args.textured)
+    meshes = [Mesh(v, f, c) for v, f, c in zip(seq.vertices, seq.faces, seq.colors or [None] * args.frames)]
     if args.device.startswith("cuda"):
         register_sequence(meshes[:2], target_vertices=args.vertices, device=args.device)  # warm-up
         torch.cuda.synchronize()
@@ -57,7 +61,7 @@ def main() -> int:
     seconds = time.perf_counter() - start
     rel = anim.fit_error / seq.diagonal
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    line = (f"{args.kind}: {args.frames} frames x {anim.vertices.shape[1]} vertices (inputs "
+    line = (f"{args.kind}{' (textured)' if args.textured else ''}: {args.frames} frames x {anim.vertices.shape[1]} vertices (inputs "
             f"{min(v.shape[0] for v in seq.vertices)}-{max(v.shape[0] for v in seq.vertices)}) on {args.device} "
             f"({dev}): {seconds:.1f} s; fit error max {rel.max():.3%} of diagonal; torch {torch.__version__}")
     print(line)

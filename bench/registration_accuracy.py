@@ -3,7 +3,14 @@ correspondence error <= 1 % of the bounding-box diagonal at every frame, surface
 >= 99.5 % of faces keep their orientation). Prints one line per motion with the worst frame.
 
     python bench/registration_accuracy.py [--frames 32] [--noise 0.003] [--rest-share 0.1 0.0 1.0]
-        [--kinds capsule_bend:1 capsule_wave:1 ...] [--resolution 0.5] [--prior-energy] [--sections]
+        [--kinds capsule_bend:1 capsule_wave:1 ...] [--resolution 0.5] [--textured [--color-noise 0.05]
+        [--relight 0.1] [--patches | --unrelated]] [--prior-energy] [--sections]
+
+--textured paints a colour pattern on the material (`synthetic.texture`), so the fit matches colours as
+well as shape; --color-noise adds per-vertex noise to every frame's colours (this standard deviation) and
+--relight scales each frame's colours by a random gain within ±this, like generated frames' colours.
+--patches makes the pattern two-tone (sharp edges, flat between); --unrelated replaces every frame's
+colours by random ones (no correspondence in them: the fit should score as without colours).
 
 --prior-energy instead asks whether the prior or the optimiser limits the accuracy: for one step from
 the middle frame to the last, it compares the graph regulariser's energy of the analytic answer (the
@@ -36,7 +43,7 @@ from ss4d_blender.engine.registration.synthetic import make_sequence, registrati
 from ss4d_blender.engine.types import Mesh  # noqa: E402
 
 KINDS = ["capsule_bend:1", "capsule_bend:2", "capsule_bend:3", "capsule_twist:1", "capsule_wave:1",
-         "capsule_swim:1", "cylinder_bend90:1", "sphere_bend:1", "capsule_pair_slide:1"]
+         "capsule_swim:1", "capsule_pulse:1", "cylinder_bend90:1", "sphere_bend:1", "capsule_pair_slide:1"]
 RESOLUTION = {"cylinder_bend90": 0.3}     # as in tests/test_registration.py
 
 
@@ -103,6 +110,11 @@ def main() -> int:
     ap.add_argument("--rest-share", type=float, nargs="+", default=[FitSettings().rest_share])
     ap.add_argument("--kinds", nargs="+", default=KINDS, help="kind:seed")
     ap.add_argument("--resolution", type=float, default=None, help="default: as in the tests")
+    ap.add_argument("--textured", action="store_true")
+    ap.add_argument("--color-noise", type=float, default=0.0)
+    ap.add_argument("--relight", type=float, default=0.0)
+    ap.add_argument("--patches", action="store_true")
+    ap.add_argument("--unrelated", action="store_true")
     ap.add_argument("--prior-energy", action="store_true")
     ap.add_argument("--sections", action="store_true")
     args = ap.parse_args()
@@ -112,18 +124,31 @@ def main() -> int:
             print(prior_energy(kind, int(seed), args.frames, args.resolution or RESOLUTION.get(kind, 0.5)),
                   flush=True)
         return 0
-    print(f"{args.frames} frames, noise {args.noise:.2%} of the diagonal; worst frame of each measure")
+    print(f"{args.frames} frames, noise {args.noise:.2%} of the diagonal, "
+          + (f"textured{' (two-tone patches)' if args.patches else ''}{' (unrelated colours)' if args.unrelated else ''}"
+             f" (colour noise {args.color_noise}, relight ±{args.relight:.0%})" if args.textured
+             else "shape only") + "; worst frame of each measure")
     for share in args.rest_share:
         for item in args.kinds:
             kind, seed = item.split(":")
             seq = make_sequence(kind, args.frames, resolution=args.resolution or RESOLUTION.get(kind, 0.5),
-                                seed=int(seed))
+                                seed=int(seed), textured=args.textured)
+            rng = np.random.default_rng(int(seed) + 2000)
+            if args.textured and args.patches:
+                seq.colors = [np.where(c > 0.5, 0.8, 0.2).astype(np.float32) for c in seq.colors]
+            if args.textured and args.unrelated:
+                seq.colors = [rng.uniform(0, 1, c.shape).astype(np.float32) for c in seq.colors]
+            if args.textured and (args.color_noise > 0 or args.relight > 0):
+                seq.colors = [np.clip(c * rng.uniform(1 - args.relight, 1 + args.relight)
+                                      + args.color_noise * rng.normal(size=c.shape), 0, 1).astype(np.float32)
+                              for c in seq.colors]
             if args.noise > 0:
                 rng = np.random.default_rng(int(seed) + 1000)
                 seq.vertices = [(v + args.noise * seq.diagonal * rng.normal(size=v.shape)).astype(np.float32)
                                 for v in seq.vertices]
             started = time.perf_counter()
-            anim = register_sequence([Mesh(v, f) for v, f in zip(seq.vertices, seq.faces)],
+            colors = seq.colors or [None] * len(seq.vertices)
+            anim = register_sequence([Mesh(v, f, c) for v, f, c in zip(seq.vertices, seq.faces, colors)],
                                      target_vertices=10 ** 9, settings=FitSettings(rest_share=share))
             seconds = time.perf_counter() - started
             corr, surf, flips = registration_errors(seq, anim)

@@ -7,6 +7,7 @@ Energy, minimised by alternating local/global steps (as-rigid-as-possible style)
          + λ_r Σ_(i,j) |(x_i − x_j) − ½(R_i + R_j)(v_i − v_j)|²       rigidity (ARAP, R_i per vertex)
          + λ_e Σ_(i,j) |(x_i − x_j) − l_ij d_ij|²                       edge length (l_ij rest length)
          + ε |x − x_prev|²                                               damping
+         + Σ_i w_i |c_p + G_p (x_i − p) − c_i|²                          colour (coloured meshes)
 
 v are the rest (reference) positions. Local step: nearest-point correspondences, the best
 rotation per vertex (SVD), edge directions d_ij. Global step: the normal equations, a sparse
@@ -17,6 +18,11 @@ Coarse to fine: first an embedded deformation graph (a few hundred nodes, each w
 and a translation, blended smoothly onto the vertices; Gauss-Newton, see graph.py) whose
 regulariser keeps mostly the previous frame's shape; then the solver above on every vertex,
 keeping the graph result's local shape, to settle the surface onto the target.
+
+The colour term asks each vertex to sit where the frame has the vertex's own colour c_i (the
+frame's colour field linearised at the nearest sample p, gradient G_p along the surface): it
+pins the slides along the surface that shape alone cannot see (see `Deformer._color_term`).
+Both stages use it; the graph stage at full weight, the per-vertex stage at a share.
 """
 from __future__ import annotations
 
@@ -57,17 +63,43 @@ class FitSettings:
                                                     # with this share of the rest shape
     axial_stiffness: float = 0.1                    # graph ties along a limb's axis this much (vs across)
     core_binding: float = 3.0                       # vertices weigh interior nodes as if this much nearer
+    color_weight: float = 1.0                       # colour term (coloured meshes): pull along the surface
+    fine_color_share: float = 0.3                   # ... of it in the fine stage (per vertex: noisier)
+
+
+# the colour term is trusted half when the typical colour mismatch at the matches is this share of the
+# frame's colour variation (clean, consistent colours: ~0.02; per-vertex noise of 0.05: ~0.2; unrelated: ~1.6)
+COLOR_TRUST = 0.3
 
 
 class Target:
-    """One frame's surface prepared for fitting: area-uniform samples with normals in a grid."""
+    """One frame's surface prepared for fitting: area-uniform samples with normals in a grid, and with
+    colours and colour gradients when the frame has vertex colours [V, 3]."""
 
-    def __init__(self, v: torch.Tensor, f: torch.Tensor, samples: int, generator: torch.Generator):
+    def __init__(self, v: torch.Tensor, f: torch.Tensor, samples: int, generator: torch.Generator,
+                 colors: Optional[torch.Tensor] = None):
         self.v, self.f = v, f
-        self.points, self.normals = sample_surface(v, f, samples, generator)
+        found = sample_surface(v, f, samples, generator, colors)
+        self.points, self.normals = found.points, found.normals
+        self.colors, self.color_gradients = found.colors, found.color_gradients
         area = float(face_areas(v, f).sum())
         self.spacing = (area / max(self.points.shape[0], 1)) ** 0.5
         self.grid = PointGrid(self.points, cell=2.0 * self.spacing)
+        self.color_scale = None
+        if self.color_gradients is not None:
+            self.color_stats = color_statistics(self.colors)
+            # a typical gradient: the colour term is scaled so that it pulls along the surface like the
+            # point-to-plane term pulls across it where the colour changes this fast; a gradient below
+            # a colour change of 0.05 over the whole surface's extent counts as no pattern at all
+            extent = float((v.max(0).values - v.min(0).values).norm()) or 1.0
+            g2 = (self.color_gradients ** 2).sum((1, 2))
+            self.color_scale = max(float(torch.quantile(g2[::max(1, g2.shape[0] // 100_000)], 0.5)),
+                                   (0.05 / extent) ** 2)
+
+
+def color_statistics(colors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation [C] of colours sampled evenly over a surface."""
+    return colors.mean(0), colors.std(0) if colors.shape[0] > 1 else torch.zeros_like(colors[0])
 
 
 def _block_inverse(m: torch.Tensor) -> torch.Tensor:
@@ -89,8 +121,15 @@ def best_rotations(cov: torch.Tensor) -> torch.Tensor:
 class Deformer:
     """A mesh with fixed topology and rest shape `rest` [V, 3] that can be fitted to targets."""
 
-    def __init__(self, rest: torch.Tensor, faces: torch.Tensor, settings: Optional[FitSettings] = None):
+    def __init__(self, rest: torch.Tensor, faces: torch.Tensor, settings: Optional[FitSettings] = None,
+                 colors: Optional[torch.Tensor] = None):
+        """colors: the reference mesh's vertex colours [V, 3] (the material's own, which travel with it);
+        with them, frames that have colours are fitted by colour as well as by shape."""
         self.rest, self.faces = rest, faces
+        self.colors = None if colors is None else colors.to(rest.dtype)
+        if self.colors is not None:
+            self.color_stats = color_statistics(sample_surface(rest, faces, max(2 * rest.shape[0], 2000),
+                                                               torch.Generator().manual_seed(0), self.colors).colors)
         self.settings = settings or FitSettings()
         e = unique_edges(faces)
         self.src = torch.cat([e[:, 0], e[:, 1]])
@@ -194,8 +233,49 @@ class Deformer:
             block_r = c_r[:, None, None] * (m[:, :, None] * m[:, None, :] + s.point_weight * eye)
             data = data.index_add(0, i, block_r)
             rhs = rhs.index_add(0, i, torch.einsum("kab,kb->ka", block_r, points))
+        if s.color_weight > 0 and self.colors is not None and target.colors is not None:
+            block_c, rhs_c = self._color_term(x, c, j, target, rows)
+            data, rhs = data + block_c, rhs + rhs_c
         stats = {"matched": float(ok.float().mean())}
         return data, rhs, stats
+
+    def _color_term(self, x: torch.Tensor, weight: torch.Tensor, j: torch.Tensor, target: Target,
+                    rows: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data blocks [R,3,3] and right-hand sides [R,3] asking every vertex to sit where the target
+        has its colour: the target's colour near the vertex's nearest sample p, linearised along the
+        surface, c_p + G_p (x − p), should equal the vertex's own colour c_i:
+            w_i |G_p x − (c_i − c_p + G_p p)|².
+        G_p has no component across the surface, so this only moves vertices along it: it pins what
+        the surface cannot see (a tube sliding along itself, a ball turning, a bulge travelling along
+        a body). Per-vertex colour noise would jitter single vertices, so the fine stage uses a share
+        `fine_color_share` of the weight; the graph stage averages it over many vertices per node.
+        Robustness: `weight` carries the geometric match's robust weight; colour residuals far above
+        the typical one (a different colour, not a small slide) are down-weighted; one sample's pull
+        is capped at 4x the typical (a sharp colour edge on a sliver face would otherwise dominate);
+        and the whole term fades out when the colours do not agree overall (`COLOR_TRUST`), so
+        colours unrelated between frames leave the fit as it is without them."""
+        own = self.colors if rows is None else self.colors[rows]
+        # the frame's overall brightness and contrast per channel may differ (lighting, exposure):
+        # compare after matching the reference's colour statistics to the frame's
+        (mean_r, std_r), (mean_t, std_t) = self.color_stats, target.color_stats
+        gain = (std_t / std_r.clamp(min=0.02)).clamp(0.5, 2.0)
+        own = (own - mean_r) * gain + mean_t
+        grad, colour, p = target.color_gradients[j], target.colors[j], target.points[j]
+        residual = colour + torch.einsum("vca,va->vc", grad, x - p) - own            # [R, C]
+        r = residual.norm(dim=1)
+        used = weight > 0
+        typical = float(torch.quantile(r[used], 0.5)) if bool(used.any()) else float("inf")
+        spread = 3.0 * typical + 0.02
+        mismatch = typical / max(float(target.color_stats[1].norm()), 1e-6)
+        trust = 1.0 / (1.0 + (mismatch / COLOR_TRUST) ** 4)
+        g2 = (grad ** 2).sum((1, 2))
+        cap = (4.0 * target.color_scale / g2.clamp(min=1e-30)).clamp(max=1.0)
+        share = 1.0 if rows is not None else self.settings.fine_color_share
+        w = (self.settings.color_weight * share * trust / target.color_scale) * weight * cap / (1.0 + (r / spread) ** 2)
+        block = w[:, None, None] * torch.einsum("vca,vcb->vab", grad, grad)
+        aim = own - colour + torch.einsum("vca,va->vc", grad, p)
+        rhs = w[:, None] * torch.einsum("vca,vc->va", grad, aim)
+        return block, rhs
 
     def fit(self, x: torch.Tensor, target: Target, stiffness: Optional[tuple] = None,
             iterations: Optional[int] = None, shape: Optional[torch.Tensor] = None

@@ -2,6 +2,7 @@
 distance. Vertices [V, 3] float, faces [F, 3] long."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -71,9 +72,35 @@ def path_distances(points: torch.Tensor, edges: torch.Tensor, seed_point: torch.
     return dist
 
 
-def sample_surface(v: torch.Tensor, f: torch.Tensor, count: int, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` points spread over the surface in proportion to area, with their face normals.
+@dataclass
+class SurfaceSamples:
+    """Points spread over a surface: positions [S, 3], face normals [S, 3]; for a coloured mesh also
+    the colour there [S, C] and the colour's gradient along the surface [S, C, 3] (of the face's
+    linear interpolation: how the colour changes per unit of movement along the face)."""
+
+    points: torch.Tensor
+    normals: torch.Tensor
+    colors: Optional[torch.Tensor] = None
+    color_gradients: Optional[torch.Tensor] = None
+
+
+def face_color_gradients(v: torch.Tensor, f: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+    """[F, C, 3]: gradient along each face of its linearly interpolated vertex colours [V, C].
+    Barycentric coordinate λ_a has the gradient n × (c − b) / (2·area) (the opposite edge turned
+    inwards); the colour's is Σ colour_a ⊗ ∇λ_a. Faces without area get zero."""
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    n2 = torch.cross(b - a, c - a, dim=1)                               # normal × 2·area
+    denom = (n2 * n2).sum(1, keepdim=True)                              # (2·area)²
+    denom = torch.where(denom > 0, denom, torch.full_like(denom, float("inf")))
+    grads = [torch.cross(n2, c - b, dim=1) / denom, torch.cross(n2, a - c, dim=1) / denom,
+             torch.cross(n2, b - a, dim=1) / denom]                     # ∇λ_a, ∇λ_b, ∇λ_c  [F, 3]
+    return sum(colors[f[:, k], :, None] * grads[k][:, None, :] for k in range(3))
+
+
+def sample_surface(v: torch.Tensor, f: torch.Tensor, count: int, generator: torch.Generator,
+                   colors: Optional[torch.Tensor] = None) -> SurfaceSamples:
+    """`count` points spread over the surface in proportion to area, with their face normals (and,
+    given vertex colours [V, C], the colours and colour gradients there).
     Stratified: every face gets floor(expected) samples, the remainder is drawn by area."""
     fn = face_normals(v, f, normalize=False)
     area = 0.5 * fn.norm(dim=1)
@@ -95,7 +122,11 @@ def sample_surface(v: torch.Tensor, f: torch.Tensor, count: int, generator: torc
     tri = f[face_id]
     p = w0 * v[tri[:, 0]] + w1 * v[tri[:, 1]] + w2 * v[tri[:, 2]]
     n = torch.nn.functional.normalize(fn[face_id], dim=1, eps=1e-20)
-    return p, n
+    if colors is None:
+        return SurfaceSamples(p, n)
+    colors = colors.to(v.dtype)
+    c = w0 * colors[tri[:, 0]] + w1 * colors[tri[:, 1]] + w2 * colors[tri[:, 2]]
+    return SurfaceSamples(p, n, c, face_color_gradients(v, f, colors)[face_id])
 
 
 def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor

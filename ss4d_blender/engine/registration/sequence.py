@@ -46,6 +46,9 @@ def _validate(meshes: Sequence[Mesh]) -> list[bool]:
         if v.ndim != 2 or v.shape[-1] != 3 or f.ndim != 2 or f.shape[-1] != 3:
             raise InputError(f"Frame {t}: mesh arrays have the wrong shape (vertices {v.shape}, "
                              f"faces {f.shape}); expected [n, 3] and [m, 3].")
+        if m.colors is not None and (np.asarray(m.colors).shape != v.shape or not np.isfinite(m.colors).all()):
+            raise InputError(f"Frame {t}: vertex colours of shape {np.asarray(m.colors).shape} for vertices "
+                             f"{v.shape} (expected one finite RGB colour per vertex).")
         ok = v.shape[0] >= 3 and f.shape[0] >= 1 and bool(np.isfinite(v).all())
         if ok and (f.min() < 0 or f.max() >= v.shape[0]):
             raise InputError(f"Frame {t}: face indices point outside the vertex list.")
@@ -90,6 +93,22 @@ def choose_reference_frame(meshes: Sequence[Mesh], usable: Optional[list[bool]] 
 def _gaussian_colors(g: GaussianSet) -> tuple[np.ndarray, np.ndarray]:
     rgb = np.clip(0.5 + SH_C0 * np.asarray(g.features_dc, np.float32).reshape(-1, 3), 0.0, 1.0)
     return np.asarray(g.xyz, np.float32), rgb
+
+
+def _colors_from_gaussians(vertices: np.ndarray, gaussians: Optional[list[GaussianSet]], t: int
+                           ) -> Optional[np.ndarray]:
+    """Colour [V, 3] of each vertex from frame t's nearest Gaussian, or None without Gaussians."""
+    if gaussians is None or gaussians[t] is None:
+        return None
+    gx, grgb = _gaussian_colors(gaussians[t])
+    if gx.shape[0] == 0:
+        return None
+    idx, _ = PointGrid(torch.from_numpy(gx)).query(torch.from_numpy(np.asarray(vertices, np.float32)))
+    return grgb[idx.numpy()]
+
+
+def _tensor(a: Optional[np.ndarray], device) -> Optional[torch.Tensor]:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)
 
 
 def smooth_trajectories(x: torch.Tensor, strength: float) -> torch.Tensor:
@@ -138,9 +157,10 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
     ref_colors = None if ref.colors is None else np.asarray(ref.colors, np.float32)
     v0, f0, c0, method = simplify_to_vertices(np.asarray(ref.vertices, np.float32),
                                               np.asarray(ref.faces, np.int32), int(target_vertices), ref_colors)
+    colors = c0 if c0 is not None else _colors_from_gaussians(v0, gaussians, reference_frame)
     rest = torch.from_numpy(np.ascontiguousarray(v0, np.float32)).to(dev)
     faces = torch.from_numpy(np.ascontiguousarray(f0, np.int64)).to(dev)
-    deformer = Deformer(rest, faces, settings)
+    deformer = Deformer(rest, faces, settings, _tensor(colors, dev))
     generator = torch.Generator().manual_seed(seed)
     samples = int(min(max(2 * rest.shape[0], 2000), 200_000))
 
@@ -156,7 +176,11 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
                 mesh = meshes[t]
                 tv = torch.from_numpy(np.ascontiguousarray(mesh.vertices, np.float32)).to(dev)
                 tf = torch.from_numpy(np.ascontiguousarray(mesh.faces, np.int64)).to(dev)
-                target = Target(tv, tf, samples, generator)
+                frame_colors = None                       # fitted by colour too when both have colours
+                if colors is not None:
+                    frame_colors = (mesh.colors if mesh.colors is not None
+                                    else _colors_from_gaussians(mesh.vertices, gaussians, t))
+                target = Target(tv, tf, samples, generator, _tensor(frame_colors, dev))
                 x, new_state, st = deformer.fit_coarse_to_fine(state, target)
                 if st.get("diverged"):
                     x = previous
@@ -183,13 +207,6 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
             fit_error[t] = float(SurfaceDistance(tv, tf)(x_all[t]).mean())
     threshold = BAD_FRAME_FRACTION * deformer.diag
     bad = [t for t in range(num_frames) if not fit_error[t] <= threshold]
-
-    colors = c0
-    if colors is None and gaussians is not None and gaussians[reference_frame] is not None:
-        gx, grgb = _gaussian_colors(gaussians[reference_frame])
-        if gx.shape[0]:
-            idx, _ = PointGrid(torch.from_numpy(gx)).query(torch.from_numpy(v0))
-            colors = grgb[idx.numpy()]
 
     progress.update("Registering", 1.0)
     info = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -135,6 +135,15 @@ def swim(points: np.ndarray, angle: float, wavelength: float, shift: float, samp
     return np.stack([axis_x + x * np.cos(th), points[:, 1], axis_z - x * np.sin(th)], 1)
 
 
+def pulse(points: np.ndarray, amplitude: float, wavelength: float, shift: float) -> np.ndarray:
+    """Radial travelling wave along z (peristalsis, a breathing bulge): every point moves straight away
+    from or towards the z axis, by the factor 1 + amplitude·sin(2π(z/λ − shift)). The bulges travel
+    along the body; the material does not."""
+    out = points.copy()
+    out[:, :2] *= (1.0 + amplitude * np.sin(2 * math.pi * (points[:, 2] / wavelength - shift)))[:, None]
+    return out
+
+
 def slide_right_part(points: np.ndarray, distance: float) -> np.ndarray:
     """Points with x > 0 move by `distance` along y; the rest stay (two parts sliding past each other)."""
     out = points.copy()
@@ -151,6 +160,17 @@ def open_petals(points: np.ndarray, growth: float, petals: int = 5) -> np.ndarra
     return points * (1.0 + growth * lobe)[:, None]
 
 
+def texture(points: np.ndarray, seed: int = 0, wavelength: float = 1.0) -> np.ndarray:
+    """A smooth colour pattern [n, 3] in 0.15..0.85 painted on rest-space points: each channel a
+    sinusoid along its own random direction (features about `wavelength` across). The paint travels
+    with the material, like the colours of a generated mesh."""
+    rng = np.random.default_rng(10_000 + seed)
+    directions = rng.normal(size=(3, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    phase = rng.uniform(0, 2 * math.pi, 3)
+    return 0.5 + 0.35 * np.sin(2 * math.pi * points @ directions.T / wavelength + phase)
+
+
 PAIR_GAP = 0.1          # capsule_pair_slide: gap between the two capsules (radius 0.5)
 
 
@@ -161,15 +181,19 @@ class SyntheticSequence:
     rest: list              # per frame float64 [n_t, 3] rest-space position of each vertex
     deform: Callable        # deform(rest_points [n,3], frame) -> [n,3]
     diagonal: float         # bounding-box diagonal over the whole sequence
+    colors: Optional[list] = None   # per frame float32 [n_t, 3] when textured
 
 
-def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 0) -> SyntheticSequence:
+def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 0,
+                  textured: bool = False) -> SyntheticSequence:
     """kind: 'sphere_bend', 'capsule_bend', 'capsule_twist', 'capsule_wave', 'cylinder_bend90',
     'flower_open' (a ball growing five petals up to 4x its radius: strong, non-isometric change),
     'capsule_pair_slide' (two round capsules side by side, PAIR_GAP apart, one sliding past the other
     like scissoring legs: parts close in space that must not drag each other), 'capsule_swim' (the
-    travelling wave as a bending wave: see `swim`; 'capsule_wave' is the shear version).
-    resolution scales the per-frame vertex count (1 -> roughly 0.7k-2.5k vertices, 0.5 -> half)."""
+    travelling wave as a bending wave: see `swim`; 'capsule_wave' is the shear version), 'capsule_pulse'
+    (a radial travelling wave: bulges travel one wavelength along the body, see `pulse`).
+    resolution scales the per-frame vertex count (1 -> roughly 0.7k-2.5k vertices, 0.5 -> half).
+    textured: every frame's vertices get the colour of `texture` at their rest position."""
     rng = np.random.default_rng(seed)
     r, h, squash = 0.5, 1.0, 0.7
     if kind == "sphere_bend":
@@ -183,6 +207,8 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
         motion = lambda p, u: wave(p, 0.12, 3.0, 0.5 * u)
     elif kind == "capsule_swim":
         motion = lambda p, u: swim(p, 0.25, 3.0, 0.5 * u)
+    elif kind == "capsule_pulse":
+        motion = lambda p, u: pulse(p, 0.15, 1.5, u)
     elif kind == "flower_open":
         r, h, squash = 0.5, 0.0, 1.0
         motion = lambda p, u: open_petals(p, 3.0 * u)
@@ -225,7 +251,8 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
         faces.append(f.astype(np.int32))
     allv = np.concatenate(verts)
     diag = float(np.linalg.norm(allv.max(0) - allv.min(0)))
-    return SyntheticSequence(verts, faces, rests, deform, diag)
+    colors = [texture(rest, seed).astype(np.float32) for rest in rests] if textured else None
+    return SyntheticSequence(verts, faces, rests, deform, diag, colors)
 
 
 def registration_errors(seq: SyntheticSequence, anim) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
