@@ -19,7 +19,7 @@ import torch
 from ss4d_blender.engine.errors import Cancelled, InputError
 from ss4d_blender.engine.progress import Progress
 from ss4d_blender.engine.registration import register_sequence, smooth_trajectories
-from ss4d_blender.engine.registration.sequence import SH_C0
+from ss4d_blender.engine.mesh.color import SH_C0, srgb_to_linear
 from ss4d_blender.engine.registration.deform import Deformer, FitSettings
 from ss4d_blender.engine.registration.geometry import (SurfaceDistance, face_color_gradients, face_normals,
                                                        path_distances, sample_surface, unique_edges, unique_pairs)
@@ -322,6 +322,24 @@ def test_grid_nearest_neighbour_is_exact():
     assert torch.allclose(dist, ref_d2.sqrt(), atol=1e-6)
 
 
+def test_grid_nearest_neighbour_is_exact_where_points_crowd():
+    """More points in a cell than the grid's table holds per cell (a mesh's crowded pole, a cluster):
+    the excess once went missing, so a query could get a farther point (colours from the wrong
+    Gaussian, a wrong match in the fit)."""
+    g = torch.Generator().manual_seed(1)
+    sphere = torch.nn.functional.normalize(torch.randn(3000, 3, generator=g), dim=1)
+    cluster = torch.tensor([0.0, 0.0, 1.0]) + 0.02 * torch.randn(400, 3, generator=g)
+    points = torch.cat([sphere, cluster])
+    queries = torch.cat([cluster + 0.001 * torch.randn(400, 3, generator=g), torch.randn(300, 3, generator=g)])
+    grid = PointGrid(points)
+    # exact=False promises the nearest only for queries with a point within half a cell: the cluster's
+    for q, exact in ((queries, True), (queries[:400], False)):
+        idx, dist = grid.query(q, exact=exact)
+        ref_dist, ref_idx = ((q.double()[:, None] - points.double()[None]) ** 2).sum(-1).min(1)
+        assert torch.allclose(dist.double(), ref_dist.sqrt(), atol=1e-6)
+        assert (idx == ref_idx).float().mean() > 0.99      # ties aside
+
+
 def test_reference_is_simplified_and_fit_still_tight():
     seq = make_sequence("capsule_bend", 6, resolution=1, seed=2)
     anim = register_sequence(_meshes(seq), target_vertices=600)
@@ -394,7 +412,8 @@ def test_unrelated_colours_leave_the_fit_as_without_colours():
 
 def test_colours_from_gaussians_pin_the_wave_too():
     """Meshes without colours, with per-frame Gaussians (as the pipeline makes): the fit takes each
-    frame's colours from its Gaussians."""
+    frame's colours from its Gaussians, and the mesh gets the reference frame's, converted to linear
+    like mesh colours (the Gaussians' are in image space)."""
     from ss4d_blender.engine.types import GaussianSet
 
     seq = make_sequence("capsule_wave", FRAMES, resolution=0.5, seed=1, textured=True)
@@ -407,7 +426,8 @@ def test_colours_from_gaussians_pin_the_wave_too():
     meshes = [Mesh(v, f) for v, f in zip(seq.vertices, seq.faces)]
     anim = register_sequence(meshes, target_vertices=100_000, gaussians=gaussians)
     corr = registration_errors(seq, anim)[0]
-    assert anim.colors is not None
+    expected = srgb_to_linear(torch.from_numpy(seq.colors[anim.reference_frame])).numpy()
+    assert np.allclose(anim.colors, expected, atol=1e-5)
     assert corr.max() <= 0.01, corr.max()
 
 

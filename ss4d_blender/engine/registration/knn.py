@@ -4,8 +4,9 @@
 `searchsorted`, so empty space costs nothing). A query looks at the 2x2x2 block of cells around
 it, which is guaranteed to hold the true nearest point when that point is closer than half a cell.
 Queries that are further away go to a grid with 4x larger cells, then to chunked brute force,
-so the answer is always the exact nearest neighbour (up to cells holding more points than
-`max_per_cell`, where the excess is ignored; the cell size is chosen so that this is rare).
+so the answer is always the exact nearest neighbour. A cell holding more than `max_per_cell` points
+keeps the excess in an overflow list that queries near it search by brute force (the cell size is
+chosen so that this is rare).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ _CORNERS = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 
 class _Level:
     """One uniform grid over the points: occupied cells sorted by key, and their points in a padded
     table [cells + 1, cap, 3] (unused slots and the extra last "empty" cell at +inf), so a query
-    gathers whole cells without masks."""
+    gathers whole cells without masks. A cell holding more than `cap` points (where a mesh crowds its
+    vertices, like the poles of a UV sphere) keeps the rest in an overflow list, which the queries
+    that touch such a cell also search, so nothing is ever left out."""
 
     def __init__(self, points: torch.Tensor, origin: torch.Tensor, cell: float, max_per_cell: int):
         self.cell = float(cell)
@@ -33,12 +36,16 @@ class _Level:
         starts = torch.cumsum(counts, 0) - counts
         cell_of = torch.repeat_interleave(torch.arange(counts.shape[0], device=points.device), counts)
         slot = torch.arange(points.shape[0], device=points.device) - starts[cell_of]
-        keep = slot < self.cap                                   # points beyond `cap` in a cell are ignored
+        keep = slot < self.cap                                   # the rest of a crowded cell: overflow
         n_cells = counts.shape[0]
         self.table = torch.full((n_cells + 1, self.cap, 3), float("inf"), dtype=points.dtype, device=points.device)
         self.table[cell_of[keep], slot[keep]] = points[order[keep]]
         self.index = torch.zeros((n_cells + 1, self.cap), dtype=torch.long, device=points.device)
         self.index[cell_of[keep], slot[keep]] = order[keep]
+        self.crowded = torch.zeros(n_cells + 1, dtype=torch.bool, device=points.device)
+        self.crowded[:n_cells] = counts > self.cap
+        self.overflow_index = order[~keep]
+        self.overflow = points[self.overflow_index]
 
     def _key(self, ijk: torch.Tensor) -> torch.Tensor:
         d = self.dims
@@ -64,8 +71,15 @@ class _Level:
             cand = self.table.index_select(0, pos).reshape(qc.shape[0], -1, 3)   # [m, 8·cap, 3]
             diff = cand - qc[:, None, :]
             best_d2, best = (diff * diff).sum(-1).min(1)
-            ok = torch.isfinite(best_d2) & (best_d2 <= half2)             # inf: nothing in the block
             best_idx = self.index.index_select(0, pos).reshape(qc.shape[0], -1).gather(1, best[:, None])[:, 0]
+            touches = self.crowded[pos].reshape(qc.shape[0], -1).any(1)   # a crowded cell in the block
+            if bool(touches.any()):
+                rows = torch.nonzero(touches)[:, 0]
+                i, d = brute_force_nearest(qc[rows], self.overflow)
+                closer = d < best_d2[rows]
+                best_d2[rows] = torch.where(closer, d, best_d2[rows])
+                best_idx[rows] = torch.where(closer, self.overflow_index[i], best_idx[rows])
+            ok = torch.isfinite(best_d2) & (best_d2 <= half2)             # inf: nothing in the block
             idx_out[s:s + chunk] = torch.where(ok, best_idx, -1)
             d2_out[s:s + chunk] = torch.where(ok, best_d2, float("inf"))
         return idx_out, d2_out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..mesh.color import sh_dc_to_rgb, srgb_to_linear
 from ..progress import Progress
 from ..types import AnimatedMesh, GaussianSet, Mesh
 from .deform import Deformer, FitSettings, Target
@@ -24,7 +25,6 @@ from .geometry import SurfaceDistance, face_areas, face_normals
 from .knn import PointGrid
 from .simplify import simplify_to_vertices
 
-SH_C0 = 0.28209479177387814
 BAD_FRAME_FRACTION = 0.01      # fit error above 1% of the bounding-box diagonal flags a frame
 
 
@@ -91,8 +91,9 @@ def choose_reference_frame(meshes: Sequence[Mesh], usable: Optional[list[bool]] 
 
 
 def _gaussian_colors(g: GaussianSet) -> tuple[np.ndarray, np.ndarray]:
-    rgb = np.clip(0.5 + SH_C0 * np.asarray(g.features_dc, np.float32).reshape(-1, 3), 0.0, 1.0)
-    return np.asarray(g.xyz, np.float32), rgb
+    """Positions [n, 3] and linear colours [n, 3] (as `Mesh` colours are) of one frame's Gaussians."""
+    dc = torch.from_numpy(np.asarray(g.features_dc, np.float32).reshape(-1, 3))
+    return np.asarray(g.xyz, np.float32), srgb_to_linear(sh_dc_to_rgb(dc)).numpy()
 
 
 def _colors_from_gaussians(vertices: np.ndarray, gaussians: Optional[list[GaussianSet]], t: int
