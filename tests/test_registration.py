@@ -22,7 +22,8 @@ from ss4d_blender.engine.registration import register_sequence, smooth_trajector
 from ss4d_blender.engine.mesh.color import SH_C0, srgb_to_linear
 from ss4d_blender.engine.registration.deform import Deformer, FitSettings
 from ss4d_blender.engine.registration.geometry import (SurfaceDistance, face_color_gradients, face_normals,
-                                                       path_distances, sample_surface, unique_edges, unique_pairs)
+                                                       path_distances, sample_surface, smooth_vertex_colors,
+                                                       unique_edges, unique_pairs)
 from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, interior_points, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
 from ss4d_blender.engine.registration.synthetic import icosphere, make_sequence, registration_errors
@@ -378,6 +379,25 @@ def test_colour_gradient_along_a_face_is_the_fields_tangential_part():
     found = sample_surface(v, f, 500, g, colors)
     assert torch.allclose(found.colors, found.points @ a.T + b, atol=1e-9)
     assert found.color_gradients.shape == (found.points.shape[0], 3, 3)
+
+
+def test_colour_smoothing_turns_an_edge_into_a_ramp_and_keeps_flat_colour():
+    """`smooth_vertex_colors`: a flat colour stays as it is; a sharp two-tone edge across a sphere becomes
+    a ramp, wider for a larger radius, with the colours staying within the two tones."""
+    v, f = icosphere(4)
+    v, f = torch.from_numpy(v), torch.from_numpy(f)
+    flat = torch.full((v.shape[0], 3), 0.3, dtype=v.dtype)
+    assert torch.allclose(smooth_vertex_colors(v, f, flat, 0.3), flat)
+    step = torch.where(v[:, :1] > 0, 0.8, 0.2).expand(-1, 3).contiguous()
+    assert torch.equal(smooth_vertex_colors(v, f, step, 0.0), step)
+    ramps = []
+    for radius in (0.1, 0.3):
+        c = smooth_vertex_colors(v, f, step, radius)[:, 0]
+        assert float(c.min()) >= 0.2 - 1e-6 and float(c.max()) <= 0.8 + 1e-6
+        between = (c > 0.25) & (c < 0.75)
+        ramps.append(float(v[between, 0].abs().max()))        # how far from the edge it reaches
+        assert ((c > 0.5) == (v[:, 0] > 0))[v[:, 0].abs() > 0.05].all()
+    assert 0 < ramps[0] < ramps[1]
 
 
 def _noisy_textured(kind, seed, noise, gain, rng):

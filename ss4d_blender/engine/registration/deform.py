@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .geometry import face_areas, sample_surface, unique_edges, vertex_normals
+from .geometry import face_areas, sample_surface, smooth_vertex_colors, unique_edges, vertex_normals
 from .graph import DeformationGraph
 from .knn import PointGrid
 
@@ -65,6 +65,7 @@ class FitSettings:
     core_binding: float = 3.0                       # vertices weigh interior nodes as if this much nearer
     color_weight: float = 1.0                       # colour term (coloured meshes): pull along the surface
     fine_color_share: float = 0.3                   # ... of it in the fine stage (per vertex: noisier)
+    color_blur: float = 0.05                        # colours smoothed over about this × diagonal first
 
 
 # the colour term is trusted half when the typical colour mismatch at the matches is this share of the
@@ -74,11 +75,14 @@ COLOR_TRUST = 0.3
 
 class Target:
     """One frame's surface prepared for fitting: area-uniform samples with normals in a grid, and with
-    colours and colour gradients when the frame has vertex colours [V, 3]."""
+    colours and colour gradients when the frame has vertex colours [V, 3] (smoothed over about `blur`,
+    a length: `Deformer.color_blur`, so that all frames and the reference are smoothed alike)."""
 
     def __init__(self, v: torch.Tensor, f: torch.Tensor, samples: int, generator: torch.Generator,
-                 colors: Optional[torch.Tensor] = None):
+                 colors: Optional[torch.Tensor] = None, blur: float = 0.0):
         self.v, self.f = v, f
+        if colors is not None and blur > 0:
+            colors = smooth_vertex_colors(v, f, colors, blur)
         found = sample_surface(v, f, samples, generator, colors)
         self.points, self.normals = found.points, found.normals
         self.colors, self.color_gradients = found.colors, found.color_gradients
@@ -92,9 +96,9 @@ class Target:
             # point-to-plane term pulls across it where the colour changes this fast; a gradient below
             # a colour change of 0.05 over the whole surface's extent counts as no pattern at all
             extent = float((v.max(0).values - v.min(0).values).norm()) or 1.0
-            g2 = (self.color_gradients ** 2).sum((1, 2))
-            self.color_scale = max(float(torch.quantile(g2[::max(1, g2.shape[0] // 100_000)], 0.5)),
-                                   (0.05 / extent) ** 2)
+            g2 = (self.color_gradients ** 2).sum((1, 2))[::max(1, self.points.shape[0] // 100_000)]
+            floor = (0.05 / extent) ** 2
+            self.color_scale = max(float(torch.quantile(g2, 0.5)), floor)
 
 
 def color_statistics(colors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,11 +130,14 @@ class Deformer:
         """colors: the reference mesh's vertex colours [V, 3] (the material's own, which travel with it);
         with them, frames that have colours are fitted by colour as well as by shape."""
         self.rest, self.faces = rest, faces
-        self.colors = None if colors is None else colors.to(rest.dtype)
+        self.settings = settings or FitSettings()
+        # colours are smoothed over a length (the same for every frame), then compared as the frames' are
+        self.color_blur = self.settings.color_blur * float((rest.max(0).values - rest.min(0).values).norm())
+        self.colors = None if colors is None else smooth_vertex_colors(rest, faces, colors.to(rest.dtype),
+                                                                         self.color_blur)
         if self.colors is not None:
             self.color_stats = color_statistics(sample_surface(rest, faces, max(2 * rest.shape[0], 2000),
                                                                torch.Generator().manual_seed(0), self.colors).colors)
-        self.settings = settings or FitSettings()
         e = unique_edges(faces)
         self.src = torch.cat([e[:, 0], e[:, 1]])
         self.dst = torch.cat([e[:, 1], e[:, 0]])

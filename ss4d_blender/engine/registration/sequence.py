@@ -98,8 +98,9 @@ def _gaussian_colors(g: GaussianSet) -> tuple[np.ndarray, np.ndarray]:
 
 def _colors_from_gaussians(vertices: np.ndarray, gaussians: Optional[list[GaussianSet]], t: int
                            ) -> Optional[np.ndarray]:
-    """Colour [V, 3] of each vertex from frame t's nearest Gaussian, or None without Gaussians."""
-    if gaussians is None or gaussians[t] is None:
+    """Colour [V, 3] of each vertex from frame t's nearest Gaussian, or None without Gaussians for it
+    (the list may be empty or shorter than the frames)."""
+    if not gaussians or t >= len(gaussians) or gaussians[t] is None:
         return None
     gx, grgb = _gaussian_colors(gaussians[t])
     if gx.shape[0] == 0:
@@ -181,7 +182,7 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
                 if colors is not None:
                     frame_colors = (mesh.colors if mesh.colors is not None
                                     else _colors_from_gaussians(mesh.vertices, gaussians, t))
-                target = Target(tv, tf, samples, generator, _tensor(frame_colors, dev))
+                target = Target(tv, tf, samples, generator, _tensor(frame_colors, dev), deformer.color_blur)
                 x, new_state, st = deformer.fit_coarse_to_fine(state, target)
                 if st.get("diverged"):
                     x = previous
