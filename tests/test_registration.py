@@ -1,10 +1,11 @@
 """Registration: one mesh through all frames.
 
-Ground truth is built here: analytic motions (bend, twist, a travelling wave both as a shear and as a
-swimming bend, a 90° joint bend, parts sliding past each other) of a sphere / capsule / cylinder, every
-frame meshed independently (different resolution and a random rotation of the parametrisation), so
-vertex counts and topology differ between frames. The registered vertices are compared with the analytic
-map of the reference frame's vertices.
+Ground truth is built here: analytic motions (bend, twist, a travelling wave as a shear, as a swimming
+bend and as radial bulges, a 90° joint bend, parts sliding past each other) of a sphere / capsule /
+cylinder, every frame meshed independently (different resolution and a random rotation of the
+parametrisation), so vertex counts and topology differ between frames; shape only, and with a colour
+pattern painted on the material. The registered vertices are compared with the analytic map of the
+reference frame's vertices.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import pytest
 import torch
 
 from ss4d_blender.engine.errors import Cancelled, InputError
+from ss4d_blender.engine.mesh.color import SH_C0, srgb_to_linear
 from ss4d_blender.engine.progress import Progress
 from ss4d_blender.engine.registration import register_sequence, smooth_trajectories
-from ss4d_blender.engine.mesh.color import SH_C0, srgb_to_linear
 from ss4d_blender.engine.registration.deform import Deformer, FitSettings
 from ss4d_blender.engine.registration.geometry import (SurfaceDistance, face_color_gradients, face_normals,
                                                        path_distances, sample_surface, smooth_vertex_colors,
