@@ -340,6 +340,11 @@ def test_grid_nearest_neighbour_is_exact_where_points_crowd():
         ref_dist, ref_idx = ((q.double()[:, None] - points.double()[None]) ** 2).sum(-1).min(1)
         assert torch.allclose(dist.double(), ref_dist.sqrt(), atol=1e-6)
         assert (idx == ref_idx).float().mean() > 0.99      # ties aside
+    # the brute force the grid falls back on agrees too (it once misordered candidates 1e-4 apart near
+    # (0, 0, 1), rounding in |q|² − 2 q·p + |p|²)
+    bf_idx, bf_d2 = brute_force_nearest(queries, points)
+    ref_dist, _ = ((queries.double()[:, None] - points.double()[None]) ** 2).sum(-1).min(1)
+    assert torch.allclose(bf_d2.double().sqrt(), ref_dist.sqrt(), atol=1e-6)
 
 
 def test_reference_is_simplified_and_fit_still_tight():

@@ -134,15 +134,18 @@ class PointGrid:
 
 def brute_force_nearest(q: torch.Tensor, points: torch.Tensor, budget: int = 2 ** 24
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact nearest neighbour by chunked squared distances. Returns (index, squared distance)."""
+    """Exact nearest neighbour by chunked squared distances. Returns (index, squared distance).
+    Each chunk is measured from its queries' mean: the expanded form |q|² − 2 q·p + |p|² loses the
+    small differences between close candidates to rounding when the coordinates are large."""
     chunk = max(1, budget // max(points.shape[0], 1))
     idx, d2 = [], []
-    pn = (points * points).sum(1)
     for s in range(0, q.shape[0], chunk):
         qc = q[s:s + chunk]
-        dd = (qc * qc).sum(1)[:, None] - 2.0 * qc @ points.T + pn[None]
+        centre = qc.mean(0)
+        qs, ps = qc - centre, points - centre
+        dd = (qs * qs).sum(1)[:, None] - 2.0 * qs @ ps.T + (ps * ps).sum(1)[None]
         m, i = dd.min(1)
-        # refine the winner exactly (the expanded form loses precision far from the origin)
+        # refine the winner exactly
         diff = points[i] - qc
         idx.append(i)
         d2.append((diff * diff).sum(1))
