@@ -519,10 +519,10 @@ def test_cli_module_runs(tmp_path):
 def test_cli_roundtrip(tmp_path):
     from ss4d_blender.engine.registration.cli import main
 
-    seq = make_sequence("capsule_wave", 4, resolution=0.3, seed=6)
+    seq = make_sequence("capsule_wave", 4, resolution=0.3, seed=6, textured=True)
     arrays = {}
-    for t, (v, f) in enumerate(zip(seq.vertices, seq.faces)):
-        arrays[f"vertices_{t}"], arrays[f"faces_{t}"] = v, f
+    for t, (v, f, c) in enumerate(zip(seq.vertices, seq.faces, seq.colors)):
+        arrays[f"vertices_{t}"], arrays[f"faces_{t}"], arrays[f"colors_{t}"] = v, f, c
     src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
     np.savez(src, **arrays)
     assert main([str(src), str(dst), "--quiet"]) == 0
@@ -530,6 +530,8 @@ def test_cli_roundtrip(tmp_path):
     assert out["vertices"].shape[0] == 4 and out["vertices"].shape[2] == 3
     assert out["faces"].dtype == np.int32 and out["faces"].shape[1] == 3
     assert out["fit_error"].shape == (4,)
+    # colours in: the reference frame's come out on the mesh (not the smoothed ones the fit compares)
+    assert np.allclose(out["colors"], seq.colors[int(out["reference_frame"])])
     assert main([str(tmp_path / "missing.npz"), str(dst), "--quiet"]) == 1
 
 
