@@ -4,11 +4,14 @@ correspondence error <= 1 % of the bounding-box diagonal at every frame, surface
 
     python bench/registration_accuracy.py [--frames 32] [--noise 0.003] [--rest-share 0.1 0.0 1.0]
         [--kinds capsule_bend:1 capsule_wave:1 ...] [--resolution 0.5] [--textured [--color-noise 0.05]
-        [--relight 0.1] [--patches | --unrelated]] [--prior-energy] [--sections]
+        [--relight 0.1] [--shading 0.6] [--patches | --unrelated]] [--prior-energy] [--sections]
 
 --textured paints a colour pattern on the material (`synthetic.texture`), so the fit matches colours as
 well as shape; --color-noise adds per-vertex noise to every frame's colours (this standard deviation) and
 --relight scales each frame's colours by a random gain within ±this, like generated frames' colours.
+--shading S bakes Lambert shading under a fixed light into every frame's colours (a share S of the colour),
+recomputed from that frame's own normals, as generated colours carry the video's lighting, which changes
+as a part turns.
 --patches makes the pattern two-tone (sharp edges, flat between); --unrelated replaces every frame's
 colours by random ones (no correspondence in them: the fit should score as without colours).
 
@@ -39,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ss4d_blender.engine.registration import register_sequence  # noqa: E402
 from ss4d_blender.engine.registration.deform import Deformer, FitSettings, Target, best_rotations  # noqa: E402
+from ss4d_blender.engine.registration.geometry import vertex_normals  # noqa: E402
 from ss4d_blender.engine.registration.synthetic import make_sequence, registration_errors  # noqa: E402
 from ss4d_blender.engine.types import Mesh  # noqa: E402
 
@@ -113,6 +117,7 @@ def main() -> int:
     ap.add_argument("--textured", action="store_true")
     ap.add_argument("--color-noise", type=float, default=0.0)
     ap.add_argument("--relight", type=float, default=0.0)
+    ap.add_argument("--shading", type=float, default=0.0)
     ap.add_argument("--patches", action="store_true")
     ap.add_argument("--unrelated", action="store_true")
     ap.add_argument("--prior-energy", action="store_true")
@@ -125,7 +130,7 @@ def main() -> int:
                   flush=True)
         return 0
     print(f"{args.frames} frames, noise {args.noise:.2%} of the diagonal, "
-          + (f"textured{' (two-tone patches)' if args.patches else ''}{' (unrelated colours)' if args.unrelated else ''}"
+          + (f"textured{' (two-tone patches)' if args.patches else ''}{f' (shading {args.shading})' if args.shading else ''}{' (unrelated colours)' if args.unrelated else ''}"
              f" (colour noise {args.color_noise}, relight ±{args.relight:.0%})" if args.textured
              else "shape only") + "; worst frame of each measure")
     for share in args.rest_share:
@@ -138,6 +143,12 @@ def main() -> int:
                 seq.colors = [np.where(c > 0.5, 0.8, 0.2).astype(np.float32) for c in seq.colors]
             if args.textured and args.unrelated:
                 seq.colors = [rng.uniform(0, 1, c.shape).astype(np.float32) for c in seq.colors]
+            if args.textured and args.shading > 0:
+                light = np.array([0.3, 0.5, 0.8]) / np.linalg.norm([0.3, 0.5, 0.8])
+                for t, (v, f) in enumerate(zip(seq.vertices, seq.faces)):
+                    n = vertex_normals(torch.from_numpy(v).double(), torch.from_numpy(f.astype(np.int64))).numpy()
+                    shade = 1.0 - args.shading + args.shading * np.clip(n @ light, 0, 1)
+                    seq.colors[t] = (seq.colors[t] * shade[:, None]).astype(np.float32)
             if args.textured and (args.color_noise > 0 or args.relight > 0):
                 seq.colors = [np.clip(c * rng.uniform(1 - args.relight, 1 + args.relight)
                                       + args.color_noise * rng.normal(size=c.shape), 0, 1).astype(np.float32)

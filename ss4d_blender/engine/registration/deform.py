@@ -75,14 +75,15 @@ COLOR_TRUST = 0.3
 
 class Target:
     """One frame's surface prepared for fitting: area-uniform samples with normals in a grid, and with
-    colours and colour gradients when the frame has vertex colours [V, 3] (smoothed over about `blur`,
-    a length: `Deformer.color_blur`, so that all frames and the reference are smoothed alike)."""
+    colours and colour gradients when the frame has vertex colours [V, 3] (as `color_features`, smoothed
+    over about `blur`, a length: `Deformer.color_blur`, so that all frames and the reference are
+    smoothed alike)."""
 
     def __init__(self, v: torch.Tensor, f: torch.Tensor, samples: int, generator: torch.Generator,
                  colors: Optional[torch.Tensor] = None, blur: float = 0.0):
         self.v, self.f = v, f
-        if colors is not None and blur > 0:
-            colors = smooth_vertex_colors(v, f, colors, blur)
+        if colors is not None:
+            colors = smooth_vertex_colors(v, f, color_features(colors), blur)
         found = sample_surface(v, f, samples, generator, colors)
         self.points, self.normals = found.points, found.normals
         self.colors, self.color_gradients = found.colors, found.color_gradients
@@ -99,6 +100,17 @@ class Target:
             g2 = (self.color_gradients ** 2).sum((1, 2))[::max(1, self.points.shape[0] // 100_000)]
             floor = (0.05 / extent) ** 2
             self.color_scale = max(float(torch.quantile(g2, 0.5)), floor)
+
+
+LUMINANCE_SHARE = 0.3     # weight of brightness among the colour features (chromaticity weighs 1)
+
+
+def color_features(rgb: torch.Tensor) -> torch.Tensor:
+    """What the colour term compares [V, 4]: chromaticity, rgb / (its mean + 0.05) (hue and saturation;
+    lighting that brightens or darkens a spot, like shading that changes as a limb turns, leaves it
+    alone), and a little of the brightness itself (so grey patterns still count)."""
+    brightness = rgb.mean(1, keepdim=True)
+    return torch.cat([0.5 * rgb / (brightness + 0.05), LUMINANCE_SHARE * brightness], 1)
 
 
 def color_statistics(colors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +145,8 @@ class Deformer:
         self.settings = settings or FitSettings()
         # colours are smoothed over a length (the same for every frame), then compared as the frames' are
         self.color_blur = self.settings.color_blur * float((rest.max(0).values - rest.min(0).values).norm())
-        self.colors = None if colors is None else smooth_vertex_colors(rest, faces, colors.to(rest.dtype),
-                                                                         self.color_blur)
+        self.colors = None if colors is None else smooth_vertex_colors(
+            rest, faces, color_features(colors.to(rest.dtype)), self.color_blur)
         if self.colors is not None:
             self.color_stats = color_statistics(sample_surface(rest, faces, max(2 * rest.shape[0], 2000),
                                                                torch.Generator().manual_seed(0), self.colors).colors)
