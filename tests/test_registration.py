@@ -474,6 +474,12 @@ def test_colours_from_gaussians_pin_the_wave_too():
     assert corr.max() <= 0.01, corr.max()
 
 
+def test_gaussians_for_a_different_number_of_frames_are_refused():
+    seq = make_sequence("capsule_bend", 3, resolution=0.3, seed=4)
+    with pytest.raises(InputError, match="2 frames of Gaussians for 3 frames of meshes"):
+        register_sequence(_meshes(seq), gaussians=[None, None])
+
+
 def test_colours_of_the_wrong_shape_are_refused():
     seq = make_sequence("capsule_bend", 3, resolution=0.3, seed=4)
     meshes = _meshes(seq)

@@ -90,7 +90,7 @@ class Target:
         area = float(face_areas(v, f).sum())
         self.spacing = (area / max(self.points.shape[0], 1)) ** 0.5
         self.grid = PointGrid(self.points, cell=2.0 * self.spacing)
-        self.color_scale = None
+        self.color_scale = self.color_stats = None
         if self.color_gradients is not None:
             self.color_stats = color_statistics(self.colors)
             # a typical gradient: the colour term is scaled so that it pulls along the surface like the
@@ -285,7 +285,7 @@ class Deformer:
         used = weight > 0
         typical = float(torch.quantile(r[used], 0.5)) if bool(used.any()) else float("inf")
         spread = 3.0 * typical + 0.02
-        mismatch = typical / max(float(target.color_stats[1].norm()), 1e-6)
+        mismatch = typical / max(float(std_t.norm()), 1e-6)
         trust = 1.0 / (1.0 + (mismatch / COLOR_TRUST) ** 4)
         g2 = (grad ** 2).sum((1, 2))
         cap = (4.0 * target.color_scale / g2.clamp(min=1e-30)).clamp(max=1.0)

@@ -73,7 +73,7 @@ class _Level:
             best_d2, best = (diff * diff).sum(-1).min(1)
             best_idx = self.index.index_select(0, pos).reshape(qc.shape[0], -1).gather(1, best[:, None])[:, 0]
             touches = self.crowded[pos].reshape(qc.shape[0], -1).any(1)   # a crowded cell in the block
-            if bool(touches.any()):
+            if self.overflow.shape[0] and bool(touches.any()):
                 rows = torch.nonzero(touches)[:, 0]
                 i, d = brute_force_nearest(qc[rows], self.overflow)
                 closer = d < best_d2[rows]

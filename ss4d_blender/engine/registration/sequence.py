@@ -98,9 +98,8 @@ def _gaussian_colors(g: GaussianSet) -> tuple[np.ndarray, np.ndarray]:
 
 def _colors_from_gaussians(vertices: np.ndarray, gaussians: Optional[list[GaussianSet]], t: int
                            ) -> Optional[np.ndarray]:
-    """Colour [V, 3] of each vertex from frame t's nearest Gaussian, or None without Gaussians for it
-    (the list may be empty or shorter than the frames)."""
-    if not gaussians or t >= len(gaussians) or gaussians[t] is None:
+    """Colour [V, 3] of each vertex from frame t's nearest Gaussian, or None without Gaussians for it."""
+    if gaussians is None or gaussians[t] is None:
         return None
     gx, grgb = _gaussian_colors(gaussians[t])
     if gx.shape[0] == 0:
@@ -145,6 +144,9 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
     started = time.perf_counter()
     usable = _validate(meshes)
     num_frames = len(meshes)
+    gaussians = list(gaussians) if gaussians else None          # an empty list: no Gaussians
+    if gaussians is not None and len(gaussians) != num_frames:
+        raise InputError(f"{len(gaussians)} frames of Gaussians for {num_frames} frames of meshes.")
     if reference_frame is None:
         reference_frame = choose_reference_frame(meshes, usable)
     if not (0 <= reference_frame < num_frames):
