@@ -5,6 +5,13 @@ correspondence error <= 1 % of the bounding-box diagonal at every frame, surface
     python bench/registration_accuracy.py [--frames 32] [--noise 0.003] [--rest-share 0.1 0.0 1.0]
         [--kinds capsule_bend:1 capsule_wave:1 ...] [--resolution 0.5] [--textured [--color-noise 0.05]
         [--relight 0.1] [--shading 0.6] [--patches | --unrelated]] [--prior-energy] [--sections]
+        [--voxels 64 [--sdf-noise 0.2]] [--vertices 20000]
+
+--voxels GRID meshes every frame the way the pipeline meshes decoded frames (`synthetic.mesh_through_decoder`:
+signed distances on a GRID^3 voxel grid through the mesh decoder's FlexiCubes extraction and the
+pipeline's clean-up) instead of with rings around the axis; --sdf-noise adds noise to those distances (in
+grid cells), like a decoder's errors: bumps fixed to the grid that change every frame. --vertices
+simplifies the reference frame as the add-on does (default: none).
 
 --textured paints a colour pattern on the material (`synthetic.texture`), so the fit matches colours as
 well as shape; --color-noise adds per-vertex noise to every frame's colours (this standard deviation) and
@@ -122,6 +129,10 @@ def main() -> int:
     ap.add_argument("--unrelated", action="store_true")
     ap.add_argument("--prior-energy", action="store_true")
     ap.add_argument("--sections", action="store_true")
+    ap.add_argument("--voxels", type=int, default=0, metavar="GRID",
+                    help="mesh every frame through the mesh decoder's extraction on a GRID^3 voxel grid")
+    ap.add_argument("--sdf-noise", type=float, default=0.0, help="with --voxels: noise on the distances, in cells")
+    ap.add_argument("--vertices", type=int, default=10 ** 9, help="simplify the reference to this many vertices")
     args = ap.parse_args()
     if args.prior_energy:
         for item in args.kinds:
@@ -132,12 +143,15 @@ def main() -> int:
     print(f"{args.frames} frames, noise {args.noise:.2%} of the diagonal, "
           + (f"textured{' (two-tone patches)' if args.patches else ''}{f' (shading {args.shading})' if args.shading else ''}{' (unrelated colours)' if args.unrelated else ''}"
              f" (colour noise {args.color_noise}, relight ±{args.relight:.0%})" if args.textured
-             else "shape only") + "; worst frame of each measure")
+             else "shape only") + (f", frames meshed on a {args.voxels}^3 voxel grid (sdf noise {args.sdf_noise} cells)"
+                                   if args.voxels else "") + "; worst frame of each measure")
     for share in args.rest_share:
         for item in args.kinds:
             kind, seed = item.split(":")
             seq = make_sequence(kind, args.frames, resolution=args.resolution or RESOLUTION.get(kind, 0.5),
-                                seed=int(seed), textured=args.textured)
+                                seed=int(seed), textured=args.textured,
+                                meshing="voxels" if args.voxels else "parametric", grid=args.voxels or 64,
+                                sdf_noise=args.sdf_noise)
             rng = np.random.default_rng(int(seed) + 2000)
             if args.textured and args.patches:
                 seq.colors = [np.where(c > 0.5, 0.8, 0.2).astype(np.float32) for c in seq.colors]
@@ -160,7 +174,7 @@ def main() -> int:
             started = time.perf_counter()
             colors = seq.colors or [None] * len(seq.vertices)
             anim = register_sequence([Mesh(v, f, c) for v, f, c in zip(seq.vertices, seq.faces, colors)],
-                                     target_vertices=10 ** 9, settings=FitSettings(rest_share=share))
+                                     target_vertices=args.vertices, settings=FitSettings(rest_share=share))
             seconds = time.perf_counter() - started
             corr, surf, flips = registration_errors(seq, anim)
             print(f"rest_share {share:.2f}  {kind:16s} seed {seed}: correspondence {corr.max():.2%} "

@@ -5,7 +5,8 @@ bend and as radial bulges, a 90° joint bend, parts sliding past each other) of 
 cylinder, every frame meshed independently (different resolution and a random rotation of the
 parametrisation), so vertex counts and topology differ between frames; shape only, and with a colour
 pattern painted on the material. The registered vertices are compared with the analytic map of the
-reference frame's vertices.
+reference frame's vertices. Some sequences are meshed instead as the pipeline meshes decoded frames
+(signed distances on a voxel grid through the mesh decoder's FlexiCubes extraction and clean-up).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from ss4d_blender.engine.registration.geometry import (SurfaceDistance, face_col
                                                        unique_edges, unique_pairs)
 from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, interior_points, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
-from ss4d_blender.engine.registration.synthetic import icosphere, make_sequence, registration_errors
+from ss4d_blender.engine.registration.synthetic import (icosphere, make_sequence, mesh_through_decoder,
+                                                        registration_errors, rest_positions)
 from ss4d_blender.engine.types import Mesh
 
 FRAMES = 32
@@ -89,6 +91,64 @@ def test_analytic_motion_is_followed(kind, seed, textured):
     assert surf.max() <= 0.005, surf
     assert flips.max() <= 0.005, flips
     assert corr.max() <= 0.01, corr
+
+
+# Frames meshed as the pipeline meshes decoded frames: dual-grid triangulations with slivers, the
+# grid fixed while the object moves through it, with and without noise on the decoded distances, and
+# the reference simplified as the add-on does.
+@pytest.mark.parametrize("kind,textured,sdf_noise", [("capsule_bend", False, 0.0), ("capsule_wave", True, 0.2)])
+def test_frames_meshed_like_the_pipeline_are_followed(kind, textured, sdf_noise):
+    seq = make_sequence(kind, FRAMES, seed=1, textured=textured, meshing="voxels", grid=48, sdf_noise=sdf_noise)
+    counts = [v.shape[0] for v in seq.vertices]
+    assert len(set(counts)) > 1
+    anim = register_sequence(_meshes(seq), target_vertices=1500)
+    assert anim.info["simplification"] != "none" and anim.vertices.shape[1] < min(counts)
+    corr, surf, flips = registration_errors(seq, anim)
+    print(f"{kind} (voxel-meshed, {min(counts)}-{max(counts)} vertices, sdf noise {sdf_noise}): "
+          f"{anim.vertices.shape[1]} vertices, corr max {corr.max():.3%} (frame {corr.argmax()}), "
+          f"surface max {surf.max():.3%}, flips max {flips.max():.3%}")
+    assert anim.info["bad_frames"] == []
+    assert surf.max() <= 0.005, surf
+    assert flips.max() <= 0.005, flips
+    assert corr.max() <= 0.01, corr
+
+
+def test_mesh_through_decoder_remeshes_a_closed_surface():
+    """The voxel mesher behind the pipeline-like sequences: a sphere comes back closed, outward,
+    one piece (no shell around the inside of the band), on the sphere to a small share of a cell, with
+    the volume of a ball, and triangulated anew; noise on the distances roughens it but keeps it whole."""
+    from ss4d_blender.engine.mesh import is_consistently_oriented, is_watertight, signed_volume
+    from ss4d_blender.engine.mesh.cleanup import face_components
+
+    v, f = icosphere(5)
+    grid, radius = 40, 0.7
+    out_v, out_f = mesh_through_decoder(v * radius, f, grid, np.zeros(3), 0.5)   # the ball spans 0.7 of the box
+    mesh = Mesh(out_v, out_f)
+    assert is_watertight(mesh) and is_consistently_oriented(mesh)
+    assert len(np.unique(face_components(mesh))) == 1
+    cell = 1.0 / (grid * 0.5)
+    assert np.abs(np.linalg.norm(out_v, axis=1) - radius).max() < 0.1 * cell
+    assert signed_volume(mesh) == pytest.approx(4 / 3 * np.pi * radius ** 3, rel=0.01)
+    assert out_v.shape[0] != v.shape[0]
+    noisy_v, noisy_f = mesh_through_decoder(v * radius, f, grid, np.zeros(3), 0.5, 0.3, np.random.default_rng(0))
+    noisy = Mesh(noisy_v, noisy_f)
+    assert is_watertight(noisy) and signed_volume(noisy) > 0
+    error = np.abs(np.linalg.norm(noisy_v, axis=1) - radius)
+    assert 0.05 * cell < error.mean() < 0.5 * cell
+
+
+def test_rest_positions_are_interpolated_on_the_closest_triangle():
+    """The ground truth of a re-meshed frame: points on a moved surface get the rest positions of the
+    closest surface point. Under an affine motion that is exactly the inverse map."""
+    v, f = icosphere(3)
+    a = np.array([[1.2, 0.3, 0.0], [0.0, 0.8, 0.2], [0.1, 0.0, 1.1]])
+    moved = v @ a.T + [0.3, -0.2, 0.5]
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, len(f), 500)
+    w = rng.dirichlet(np.ones(3), 500)
+    points = (w[:, :, None] * moved[f[face]]).sum(1)                 # on the moved surface
+    rest = rest_positions(points, moved, f, v)
+    np.testing.assert_allclose(rest, (points - [0.3, -0.2, 0.5]) @ np.linalg.inv(a).T, atol=1e-9)
 
 
 def test_swimming_wave_keeps_the_axis_length_and_rigid_normal_sections():

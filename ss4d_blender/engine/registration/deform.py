@@ -26,13 +26,12 @@ Both stages use it; the graph stage at full weight, the per-vertex stage at a sh
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .geometry import face_areas, sample_surface, smooth_vertex_colors, unique_edges, vertex_normals
+from .geometry import MeshNeighbours, face_areas, sample_surface, smooth_vertex_colors, vertex_normals
 from .graph import DeformationGraph
 from .knn import PointGrid
 
@@ -145,25 +144,16 @@ class Deformer:
         self.settings = settings or FitSettings()
         # colours are smoothed over a length (the same for every frame), then compared as the frames' are
         self.color_blur = self.settings.color_blur * float((rest.max(0).values - rest.min(0).values).norm())
+        self.neighbours = MeshNeighbours(faces, rest.shape[0], rest.dtype)
         self.colors = None if colors is None else smooth_vertex_colors(
-            rest, faces, color_features(colors.to(rest.dtype)), self.color_blur)
+            rest, faces, color_features(colors.to(rest.dtype)), self.color_blur, neighbours=self.neighbours)
         if self.colors is not None:
             self.color_stats = color_statistics(sample_surface(rest, faces, max(2 * rest.shape[0], 2000),
                                                                torch.Generator().manual_seed(0), self.colors).colors)
-        e = unique_edges(faces)
-        self.src = torch.cat([e[:, 0], e[:, 1]])
-        self.dst = torch.cat([e[:, 1], e[:, 0]])
+        self.src, self.dst, self.degree = self.neighbours.src, self.neighbours.dst, self.neighbours.degree
         self.rest_edge = rest[self.src] - rest[self.dst]                 # [2E, 3]
         self.rest_length = self.rest_edge.norm(dim=1)
         nv = rest.shape[0]
-        self.degree = torch.bincount(self.src, minlength=nv).to(rest.dtype)
-        self.adjacency = None
-        if rest.device.type in ("cpu", "cuda"):   # sparse matmul; MPS falls back to index_add
-            with warnings.catch_warnings():           # "sparse CSR is beta" notices
-                warnings.simplefilter("ignore")
-                adj = torch.sparse_coo_tensor(torch.stack([self.src, self.dst]),
-                                              torch.ones_like(self.src, dtype=rest.dtype), (nv, nv))
-                self.adjacency = adj.coalesce().to_sparse_csr()
         lo, hi = rest.min(0).values, rest.max(0).values
         self.diag = float((hi - lo).norm()) or 1.0
         self.mean_edge = float(self.rest_length.mean()) if self.rest_length.numel() else self.diag
@@ -181,10 +171,7 @@ class Deformer:
     # ---- linear algebra -------------------------------------------------------------------
     def laplacian(self, x: torch.Tensor) -> torch.Tensor:
         """(L x)_i = Σ_j (x_i − x_j) over mesh neighbours j."""
-        out = self.degree[:, None] * x
-        if self.adjacency is not None:
-            return out - self.adjacency @ x
-        return out.index_add(0, self.src, x[self.dst], alpha=-1.0)
+        return self.degree[:, None] * x - self.neighbours.sum(x)
 
     def _solve(self, rhs: torch.Tensor, x0: torch.Tensor, lam: float, data: torch.Tensor,
                damping: float) -> torch.Tensor:

@@ -2,6 +2,7 @@
 distance. Vertices [V, 3] float, faces [F, 3] long."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -97,23 +98,48 @@ def face_color_gradients(v: torch.Tensor, f: torch.Tensor, colors: torch.Tensor)
     return sum(colors[f[:, k], :, None] * grads[k][:, None, :] for k in range(3))
 
 
+class MeshNeighbours:
+    """The edges of a mesh in both directions (src[k] -> dst[k], [2E] each), with sums over each
+    vertex's neighbours, (A x)_i = Σ_{j ~ i} x_j for x [V, C]: a sparse CSR product on the CPU and
+    CUDA, `index_add` on MPS (no sparse CSR product there)."""
+
+    def __init__(self, f: torch.Tensor, num_vertices: int, dtype: torch.dtype):
+        e = unique_edges(f)
+        self.src = torch.cat([e[:, 0], e[:, 1]])
+        self.dst = torch.cat([e[:, 1], e[:, 0]])
+        self.degree = torch.bincount(self.src, minlength=num_vertices).to(dtype)   # [V]
+        self.matrix = None
+        if f.device.type in ("cpu", "cuda") and self.src.numel():
+            with warnings.catch_warnings():           # "sparse CSR is beta" notices
+                warnings.simplefilter("ignore")
+                adj = torch.sparse_coo_tensor(torch.stack([self.src, self.dst]),
+                                              torch.ones_like(self.src, dtype=dtype), (num_vertices, num_vertices))
+                self.matrix = adj.coalesce().to_sparse_csr()
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matrix is not None:
+            return self.matrix @ x
+        return torch.zeros_like(x).index_add_(0, self.src, x[self.dst])
+
+
 def smooth_vertex_colors(v: torch.Tensor, f: torch.Tensor, colors: torch.Tensor, radius: float,
-                         max_steps: int = 50) -> torch.Tensor:
+                         max_steps: int = 50, neighbours: Optional[MeshNeighbours] = None) -> torch.Tensor:
     """Vertex colours [V, C] smoothed over about `radius` along the mesh: repeated steps of
     c ← ½ c + ½ (mean of the neighbours' c), (radius / mean edge length)² of them (at most `max_steps`).
 
     For the fit's colour term: noise between neighbouring vertices no longer reads as a steep
     gradient, and a sharp colour edge becomes a ramp about `radius` wide, which the faces on either
     side of it feel too (a two-tone pattern otherwise has gradients only on the faces the edge crosses)."""
-    e = unique_edges(f)
-    if e.shape[0] == 0 or radius <= 0:
+    if radius <= 0:
         return colors
-    length = float((v[e[:, 0]] - v[e[:, 1]]).norm(dim=1).mean())
+    neighbours = neighbours or MeshNeighbours(f, v.shape[0], colors.dtype)
+    if neighbours.src.numel() == 0:
+        return colors
+    length = float((v[neighbours.src] - v[neighbours.dst]).norm(dim=1).mean())
     steps = min(int(round((radius / max(length, 1e-12)) ** 2)), max_steps)
-    a, b = torch.cat([e[:, 0], e[:, 1]]), torch.cat([e[:, 1], e[:, 0]])
-    degree = torch.bincount(a, minlength=v.shape[0]).clamp(min=1).to(colors.dtype)[:, None]
+    degree = neighbours.degree.clamp(min=1).to(colors.dtype)[:, None]
     for _ in range(steps):
-        colors = 0.5 * colors + 0.5 * torch.zeros_like(colors).index_add_(0, a, colors[b]) / degree
+        colors = 0.5 * colors + 0.5 * neighbours.sum(colors) / degree
     return colors
 
 
@@ -219,8 +245,14 @@ class SurfaceDistance:
         self.table = vertex_face_table(f, v.shape[0])
 
     def __call__(self, q: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+        return self.closest(q, chunk)[2]
+
+    def closest(self, q: torch.Tensor, chunk: int = 16384
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Closest surface point [M, 3], its face [M] (-1 where it is a vertex without faces) and the
+        distance [M] for points q [M, 3]."""
         nearest, dist_v = self.grid.query(q)
-        out = []
+        points, faces_out, dists = [], [], []
         for s in range(0, q.shape[0], chunk):
             qc = q[s:s + chunk]
             faces = self.table[nearest[s:s + chunk]]                 # [m, cap]
@@ -229,6 +261,28 @@ class SurfaceDistance:
             a, b, c = self.v[tri[..., 0]], self.v[tri[..., 1]], self.v[tri[..., 2]]
             cp = closest_point_on_triangles(qc[:, None, :].expand_as(a), a, b, c)
             d = (cp - qc[:, None, :]).norm(dim=-1).masked_fill(~valid, float("inf"))
-            out.append(d.min(1).values)
-        d = torch.cat(out) if out else dist_v
-        return torch.minimum(d, dist_v)
+            best = d.argmin(1, keepdim=True)
+            points.append(cp.gather(1, best[..., None].expand(-1, 1, 3))[:, 0])
+            faces_out.append(faces.gather(1, best)[:, 0])
+            dists.append(d.gather(1, best)[:, 0])
+        if not points:
+            return self.v[nearest], torch.full_like(nearest, -1), dist_v
+        point, face, d = torch.cat(points), torch.cat(faces_out), torch.cat(dists)
+        at_vertex = ~(d < dist_v)               # the nearest vertex itself is as close (or has no faces)
+        point = torch.where(at_vertex[:, None], self.v[nearest], point)
+        face = torch.where(at_vertex & ~torch.isfinite(d), torch.full_like(face, -1), face)
+        return point, face, torch.minimum(d, dist_v)
+
+
+def barycentric(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Barycentric coordinates [..., 3] of points p in the planes of triangles (a, b, c), all [..., 3]
+    (degenerate triangles: all weight on a)."""
+    ab, ac, ap = b - a, c - a, p - a
+    d00, d01, d11 = (ab * ab).sum(-1), (ab * ac).sum(-1), (ac * ac).sum(-1)
+    d20, d21 = (ap * ab).sum(-1), (ap * ac).sum(-1)
+    den = d00 * d11 - d01 * d01
+    ok = den > 1e-12 * d00 * d11                 # Cauchy-Schwarz: den >= 0, ~0 for slivers
+    den = torch.where(ok, den, torch.ones_like(den))
+    v = torch.where(ok, (d11 * d20 - d01 * d21) / den, torch.zeros_like(den))
+    w = torch.where(ok, (d00 * d21 - d01 * d20) / den, torch.zeros_like(den))
+    return torch.stack([1 - v - w, v, w], -1)

@@ -3,6 +3,9 @@
 Each frame is meshed independently (different resolution, random rotation of the
 parametrisation), so vertex counts and topology differ between frames, and the motion is an
 analytic map of the rest shape: the true position of any rest point at any frame is known.
+With `meshing="voxels"` each frame is instead meshed the way the pipeline meshes a decoded frame
+(`mesh_through_decoder`: signed distances on a voxel grid, the mesh decoder's FlexiCubes extraction,
+the pipeline's clean-up), which gives grid-aligned triangulations with slivers and staircases.
 Shapes are built around the z axis; `rest_t` gives the rest-space position of every vertex of
 frame t, so correspondence error can be measured against `deform(rest_point, t)`.
 """
@@ -171,6 +174,89 @@ def texture(points: np.ndarray, seed: int = 0, wavelength: float = 1.0) -> np.nd
     return 0.5 + 0.35 * np.sin(2 * math.pi * points @ directions.T / wavelength + phase)
 
 
+def mesh_through_decoder(vertices: np.ndarray, faces: np.ndarray, grid: int, centre: np.ndarray,
+                         scale: float, sdf_noise: float = 0.0, rng: Optional[np.random.Generator] = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Mesh a closed surface as the pipeline meshes a decoded frame. The surface (vertices [n, 3],
+    faces [m, 3], counter-clockwise outside, far finer than a grid cell) is mapped into the decoder's
+    [-0.5, 0.5]^3 box by (p - centre) · scale; its signed distance on the corners of a grid^3 voxel grid
+    becomes per-voxel mesh-decoder features (no deformation, neutral FlexiCubes weights) for the
+    voxels near the surface and inside it; `mesh_from_decoder_features` and `clean_mesh` do the rest,
+    as in the pipeline. sdf_noise: Gaussian noise (this many grid cells) on the distances near the
+    surface, like a decoder's errors: bumps fixed to the grid, not to the material. Returns vertices [k, 3] float32 (back in the surface's units), faces [l, 3]
+    int32: a dual-grid triangulation with nothing in common with the input's."""
+    import torch
+
+    from ..mesh import clean_mesh
+    from ..mesh.decoder_to_mesh import NUM_CHANNELS_NO_COLOR, SDF, mesh_from_decoder_features
+    from ..mesh.grid import corner_offsets, pack, unpack
+    from .geometry import SurfaceDistance, face_normals
+    from .knn import PointGrid
+
+    R = int(grid)
+    v = (torch.from_numpy(np.asarray(vertices, np.float64)) - torch.from_numpy(np.asarray(centre, np.float64))) * scale
+    f = torch.from_numpy(np.asarray(faces, np.int64))
+    # corners of the cubes holding a surface vertex are "near": they get the exact signed distance. A
+    # grid edge the surface crosses always has a near end (surface vertices are < half a cell apart)
+    offsets = corner_offsets("cpu")
+    held = torch.unique(pack(torch.floor((v + 0.5) * R).long().clamp(0, R - 1), R))
+    near = torch.unique(pack(unpack(held, R)[:, None, :] + offsets[None], R + 1))
+    q = unpack(near, R + 1).double() / R - 0.5
+    point, face, dist = SurfaceDistance(v, f, PointGrid(v, cell=2.0 / R)).closest(q)
+    side = ((q - point) * face_normals(v, f)[face.clamp(min=0)]).sum(1)
+    sdf = torch.full(((R + 1) ** 3,), 2.0 / R, dtype=torch.float64)
+    sdf[near] = torch.where(side < 0, -dist, dist)
+    if sdf_noise > 0:
+        sdf[near] += torch.from_numpy((rng or np.random.default_rng()).normal(0.0, sdf_noise / R, near.shape[0]))
+    # every other corner is inside or outside as a whole: outside when reachable from the box's walls
+    # along grid edges without passing a near corner
+    free = torch.ones((R + 1) ** 3, dtype=torch.bool)
+    free[near] = False
+    free = free.reshape(R + 1, R + 1, R + 1)
+    blocked = (~free).long()
+    outside = torch.zeros_like(free)
+    for axis in range(3):                                   # seen from a wall along a grid line ...
+        outside |= (blocked.cumsum(axis) == 0) | (blocked.flip(axis).cumsum(axis).flip(axis) == 0)
+    outside &= free
+    while True:                                             # ... then spread along grid edges
+        grown = outside.clone()
+        for axis in range(3):
+            grown[(slice(None),) * axis + (slice(1, None),)] |= outside[(slice(None),) * axis + (slice(None, -1),)]
+            grown[(slice(None),) * axis + (slice(None, -1),)] |= outside[(slice(None),) * axis + (slice(1, None),)]
+        grown &= free
+        if bool((grown == outside).all()):
+            break
+        outside = grown
+    sdf[(free & ~outside).reshape(-1)] = -2.0 / R
+    # active voxels: every cube with a near or inside corner (their corners carry the values above)
+    cubes = torch.stack(torch.meshgrid(*[torch.arange(R)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    corner_keys = pack(cubes[:, None, :] + offsets[None], R + 1)                # [R^3, 8]
+    corner_sdf = sdf[corner_keys]
+    active = (corner_sdf < 2.0 / R).any(1)
+    cubes, sdf = cubes[active], corner_sdf[active]
+    feats = torch.zeros(cubes.shape[0], NUM_CHANNELS_NO_COLOR)
+    feats[:, SDF] = (sdf + 1.0 / R).float()                 # the decoder's sdf carries a bias of -1/R
+    mesh = clean_mesh(mesh_from_decoder_features(cubes, feats, R))
+    out = mesh.vertices.astype(np.float64) / scale + np.asarray(centre, np.float64)
+    return out.astype(np.float32), mesh.faces.astype(np.int32)
+
+
+def rest_positions(points: np.ndarray, surface: np.ndarray, faces: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """Rest-space positions [k, 3] of points [k, 3] on (or very near) a deformed surface (vertices
+    [n, 3], faces [m, 3]) whose vertices have rest positions `rest` [n, 3]: the rest position at the
+    closest surface point, interpolated barycentrically over its triangle."""
+    import torch
+
+    from .geometry import SurfaceDistance, barycentric
+
+    v = torch.from_numpy(np.asarray(surface, np.float64))
+    f = torch.from_numpy(np.asarray(faces, np.int64))
+    point, face, _ = SurfaceDistance(v, f).closest(torch.from_numpy(np.asarray(points, np.float64)))
+    tri = f[face.clamp(min=0)]
+    w = barycentric(point, v[tri[:, 0]], v[tri[:, 1]], v[tri[:, 2]])
+    return (w[..., None] * torch.from_numpy(np.asarray(rest, np.float64))[tri]).sum(1).numpy()
+
+
 PAIR_GAP = 0.1          # capsule_pair_slide: gap between the two capsules (radius 0.5)
 
 
@@ -184,8 +270,9 @@ class SyntheticSequence:
     colors: Optional[list] = None   # per frame float32 [n_t, 3] when textured
 
 
-def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 0,
-                  textured: bool = False) -> SyntheticSequence:
+def make_sequence(kind: str, frames: int = 32, resolution: float = 1, seed: int = 0,
+                  textured: bool = False, meshing: str = "parametric", grid: int = 64,
+                  sdf_noise: float = 0.0) -> SyntheticSequence:
     """kind: 'sphere_bend', 'capsule_bend', 'capsule_twist', 'capsule_wave', 'cylinder_bend90',
     'flower_open' (a ball growing five petals up to 4x its radius: strong, non-isometric change),
     'capsule_pair_slide' (two round capsules side by side, PAIR_GAP apart, one sliding past the other
@@ -193,7 +280,13 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     travelling wave as a bending wave: see `swim`; 'capsule_wave' is the shear version), 'capsule_pulse'
     (a radial travelling wave: bulges travel one wavelength along the body, see `pulse`).
     resolution scales the per-frame vertex count (1 -> roughly 0.7k-2.5k vertices, 0.5 -> half).
-    textured: every frame's vertices get the colour of `texture` at their rest position."""
+    textured: every frame's vertices get the colour of `texture` at their rest position.
+    meshing: "parametric" (rings around the axis, see `capsule_mesh`) or "voxels": every frame is a
+    fine parametric mesh moved by the motion, then meshed again by `mesh_through_decoder` on a
+    grid^3 voxel grid over the whole sequence's bounding box (as the pipeline meshes decoded frames;
+    `resolution` is then unused; sdf_noise: see `mesh_through_decoder`)."""
+    if meshing not in ("parametric", "voxels"):
+        raise ValueError(f"unknown meshing {meshing!r}")
     rng = np.random.default_rng(seed)
     r, h, squash = 0.5, 1.0, 0.7
     if kind == "sphere_bend":
@@ -238,6 +331,9 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
             v = v @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T
         return v, f
 
+    if meshing == "voxels":
+        return _voxel_sequence(kind, frames, grid, seed, textured, deform, r, h, squash, sdf_noise)
+
     verts, faces, rests = [], [], []
     for t in range(frames):
         if kind == "capsule_pair_slide":
@@ -255,8 +351,59 @@ def make_sequence(kind: str, frames: int = 32, resolution: int = 1, seed: int = 
     return SyntheticSequence(verts, faces, rests, deform, diag, colors)
 
 
+def _voxel_sequence(kind: str, frames: int, grid: int, seed: int, textured: bool, deform: Callable,
+                    r: float, h: float, squash: float, sdf_noise: float) -> SyntheticSequence:
+    """make_sequence(meshing="voxels"): one fine rest mesh, moved by the motion and voxel-meshed per frame."""
+    rng = np.random.default_rng(seed)
+
+    def fine_mesh(spacing):
+        around = int(math.ceil(2 * math.pi * r / spacing))
+        rings = int(math.ceil((math.pi * r + 2 * h) / spacing))
+        return capsule_mesh(r, h, rings, around, rng, squash)
+
+    def shapes(spacing):
+        if kind == "capsule_pair_slide":
+            (va, fa), (vb, fb) = fine_mesh(spacing), fine_mesh(spacing)
+            shift = np.array([r + 0.5 * PAIR_GAP, 0.0, 0.0])
+            return np.concatenate([va - shift, vb + shift]), np.concatenate([fa, fb + len(va)])
+        return fine_mesh(spacing)
+
+    # the grid spans the whole sequence's bounding box (with a margin), like the decoder's fixed box
+    coarse, _ = shapes(0.05)
+    moved = np.concatenate([deform(coarse, t) for t in range(frames)])
+    lo, hi = moved.min(0), moved.max(0)
+    centre, scale = 0.5 * (lo + hi), 0.9 / float((hi - lo).max())
+    fine, fine_faces = shapes(0.5 / (grid * scale))          # half a grid cell between fine vertices
+    verts, faces, rests = [], [], []
+    for t in range(frames):
+        surface = deform(fine, t)
+        v, f = mesh_through_decoder(surface, fine_faces, grid, centre, scale, sdf_noise, rng)
+        verts.append(v)
+        faces.append(f)
+        rests.append(rest_positions(v, surface, fine_faces, fine))
+    allv = np.concatenate(verts)
+    diag = float(np.linalg.norm(allv.max(0) - allv.min(0)))
+    colors = [texture(rest, seed).astype(np.float32) for rest in rests] if textured else None
+    return SyntheticSequence(verts, faces, rests, deform, diag, colors)
+
+
+def material_points(deform: Callable, rest: np.ndarray, points: np.ndarray, frame: int, steps: int = 3) -> np.ndarray:
+    """The rest-space points [n, 3] that the motion takes exactly to `points` [n, 3] at `frame`, found by
+    Newton steps from `rest` (their rest positions on the smooth surface; Jacobians by central
+    differences). A vertex a little off the surface (noise on the distances, a simplified mesh) is then
+    followed as the point of space it is, so its own offset is not counted as an error, and its faces'
+    true orientation is that of the faces themselves, moved."""
+    x = np.asarray(rest, np.float64).copy()
+    target = np.asarray(points, np.float64)
+    h = 1e-6 * max(float(np.abs(x).max()), 1.0)
+    for _ in range(steps):
+        jac = np.stack([(deform(x + h * e, frame) - deform(x - h * e, frame)) / (2 * h) for e in np.eye(3)], -1)
+        x += np.linalg.solve(jac, (target - deform(x, frame))[..., None])[..., 0]
+    return x
+
+
 def registration_errors(seq: SyntheticSequence, anim) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """How well `anim` (an AnimatedMesh registered from `seq` without simplification) follows the
+    """How well `anim` (an AnimatedMesh registered from `seq`) follows the
     analytic motion. Per frame [T]: mean correspondence error (registered vertex vs the analytic
     motion of that reference vertex) and mean distance to the frame's surface, both as fractions of
     the bounding-box diagonal, and the share of faces whose orientation flipped."""
@@ -265,9 +412,12 @@ def registration_errors(seq: SyntheticSequence, anim) -> tuple[np.ndarray, np.nd
     from .geometry import SurfaceDistance
 
     r = anim.reference_frame
-    if anim.vertices.shape[1] != len(seq.vertices[r]) or not np.allclose(anim.vertices[r], seq.vertices[r], atol=1e-6):
-        raise ValueError("the registered mesh is not the reference frame's own (was it simplified?)")
-    rest, f = seq.rest[r], anim.faces
+    if anim.vertices.shape[1] == len(seq.vertices[r]) and np.allclose(anim.vertices[r], seq.vertices[r], atol=1e-6):
+        rest = seq.rest[r]
+    else:                     # a simplified reference: its vertices' rest positions, from the frame's surface
+        rest = rest_positions(anim.vertices[r], seq.vertices[r], seq.faces[r], seq.rest[r])
+    rest = material_points(seq.deform, rest, anim.vertices[r], r)
+    f = anim.faces
     corr, surf, flips = [], [], []
     for t in range(len(seq.vertices)):
         truth = seq.deform(rest, t)
