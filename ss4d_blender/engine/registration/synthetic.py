@@ -183,8 +183,10 @@ def mesh_through_decoder(vertices: np.ndarray, faces: np.ndarray, grid: int, cen
     becomes per-voxel mesh-decoder features (no deformation, neutral FlexiCubes weights) for the
     voxels near the surface and inside it; `mesh_from_decoder_features` and `clean_mesh` do the rest,
     as in the pipeline. sdf_noise: Gaussian noise (this many grid cells) on the distances near the
-    surface, like a decoder's errors: bumps fixed to the grid, not to the material. Returns vertices [k, 3] float32 (back in the surface's units), faces [l, 3]
-    int32: a dual-grid triangulation with nothing in common with the input's."""
+    surface, like a decoder's errors: bumps fixed to the grid, not to the material. Returns vertices
+    [k, 3] float32 (back in the surface's units), faces [l, 3] int32: a dual-grid triangulation with
+    nothing in common with the input's. For tests and benchmarks: it holds dense grid^3 arrays, which
+    is fine up to grid ~128."""
     import torch
 
     from ..mesh import clean_mesh
