@@ -28,8 +28,8 @@ from ss4d_blender.engine.registration.geometry import (SurfaceDistance, face_col
                                                        unique_edges, unique_pairs)
 from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, interior_points, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
-from ss4d_blender.engine.registration.synthetic import (icosphere, make_sequence, mesh_through_decoder,
-                                                        registration_errors, rest_positions)
+from ss4d_blender.engine.registration.synthetic import (icosphere, make_sequence, material_points,
+                                                        mesh_through_decoder, registration_errors, rest_positions)
 from ss4d_blender.engine.types import Mesh
 
 FRAMES = 32
@@ -149,6 +149,18 @@ def test_rest_positions_are_interpolated_on_the_closest_triangle():
     points = (w[:, :, None] * moved[f[face]]).sum(1)                 # on the moved surface
     rest = rest_positions(points, moved, f, v)
     np.testing.assert_allclose(rest, (points - [0.3, -0.2, 0.5]) @ np.linalg.inv(a).T, atol=1e-9)
+
+
+def test_vertices_off_the_surface_are_followed_as_the_points_they_are():
+    """The truth of a vertex a little off the smooth surface (distance noise, simplification) is the
+    rest-space point the motion takes exactly to it, not its neighbour on the surface."""
+    seq = make_sequence("capsule_swim", 8, resolution=0.3, seed=1)
+    frame, rest = 5, seq.rest[5]
+    rng = np.random.default_rng(0)
+    off = seq.deform(rest, frame) + 0.01 * rng.normal(size=rest.shape)
+    found = material_points(seq.deform, rest, off, frame)
+    np.testing.assert_allclose(seq.deform(found, frame), off, atol=1e-9)
+    assert np.abs(found - rest).max() > 0.005                        # it did move off the surface's point
 
 
 def test_swimming_wave_keeps_the_axis_length_and_rigid_normal_sections():
