@@ -142,8 +142,10 @@ class Deformer:
         with them, frames that have colours are fitted by colour as well as by shape."""
         self.rest, self.faces = rest, faces
         self.settings = settings or FitSettings()
+        extent = float((rest.max(0).values - rest.min(0).values).norm())
+        self.diag = extent or 1.0
         # colours are smoothed over a length (the same for every frame), then compared as the frames' are
-        self.color_blur = self.settings.color_blur * float((rest.max(0).values - rest.min(0).values).norm())
+        self.color_blur = self.settings.color_blur * extent
         self.neighbours = MeshNeighbours(faces, rest.shape[0], rest.dtype)
         self.colors = None if colors is None else smooth_vertex_colors(
             rest, faces, color_features(colors.to(rest.dtype)), self.color_blur, neighbours=self.neighbours)
@@ -154,8 +156,6 @@ class Deformer:
         self.rest_edge = rest[self.src] - rest[self.dst]                 # [2E, 3]
         self.rest_length = self.rest_edge.norm(dim=1)
         nv = rest.shape[0]
-        lo, hi = rest.min(0).values, rest.max(0).values
-        self.diag = float((hi - lo).norm()) or 1.0
         self.mean_edge = float(self.rest_length.mean()) if self.rest_length.numel() else self.diag
         nodes = min(self.settings.graph_nodes, max(48, nv // self.settings.vertices_per_node))
         self.graph = DeformationGraph(rest, faces, nodes, interior=self.settings.interior_nodes,

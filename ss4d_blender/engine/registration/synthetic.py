@@ -334,28 +334,31 @@ def make_sequence(kind: str, frames: int = 32, resolution: float = 1, seed: int 
         return v, f
 
     if meshing == "voxels":
-        return _voxel_sequence(kind, frames, grid, seed, textured, deform, r, h, squash, sdf_noise)
-
-    verts, faces, rests = [], [], []
-    for t in range(frames):
-        if kind == "capsule_pair_slide":
-            (va, fa), (vb, fb) = mesh_once(), mesh_once()
-            shift = np.array([r + 0.5 * PAIR_GAP, 0.0, 0.0])
-            v, f = np.concatenate([va - shift, vb + shift]), np.concatenate([fa, fb + len(va)])
-        else:
-            v, f = mesh_once()
-        rests.append(v)
-        verts.append(deform(v, t).astype(np.float32))
-        faces.append(f.astype(np.int32))
+        verts, faces, rests = _voxel_frames(kind, frames, grid, seed, deform, r, h, squash, sdf_noise)
+    else:
+        verts, faces, rests = [], [], []
+        for t in range(frames):
+            v, f = _side_by_side(mesh_once(), mesh_once(), r) if kind == "capsule_pair_slide" else mesh_once()
+            rests.append(v)
+            verts.append(deform(v, t).astype(np.float32))
+            faces.append(f.astype(np.int32))
     allv = np.concatenate(verts)
     diag = float(np.linalg.norm(allv.max(0) - allv.min(0)))
     colors = [texture(rest, seed).astype(np.float32) for rest in rests] if textured else None
     return SyntheticSequence(verts, faces, rests, deform, diag, colors)
 
 
-def _voxel_sequence(kind: str, frames: int, grid: int, seed: int, textured: bool, deform: Callable,
-                    r: float, h: float, squash: float, sdf_noise: float) -> SyntheticSequence:
-    """make_sequence(meshing="voxels"): one fine rest mesh, moved by the motion and voxel-meshed per frame."""
+def _side_by_side(a: tuple, b: tuple, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two meshes (vertices, faces) of radius r around the z axis, put PAIR_GAP apart along x."""
+    (va, fa), (vb, fb) = a, b
+    shift = np.array([r + 0.5 * PAIR_GAP, 0.0, 0.0])
+    return np.concatenate([va - shift, vb + shift]), np.concatenate([fa, fb + len(va)])
+
+
+def _voxel_frames(kind: str, frames: int, grid: int, seed: int, deform: Callable, r: float, h: float,
+                  squash: float, sdf_noise: float) -> tuple[list, list, list]:
+    """make_sequence(meshing="voxels"): one fine rest mesh, moved by the motion and voxel-meshed per
+    frame. Returns per-frame vertices, faces and rest positions."""
     rng = np.random.default_rng(seed)
 
     def fine_mesh(spacing):
@@ -365,9 +368,7 @@ def _voxel_sequence(kind: str, frames: int, grid: int, seed: int, textured: bool
 
     def shapes(spacing):
         if kind == "capsule_pair_slide":
-            (va, fa), (vb, fb) = fine_mesh(spacing), fine_mesh(spacing)
-            shift = np.array([r + 0.5 * PAIR_GAP, 0.0, 0.0])
-            return np.concatenate([va - shift, vb + shift]), np.concatenate([fa, fb + len(va)])
+            return _side_by_side(fine_mesh(spacing), fine_mesh(spacing), r)
         return fine_mesh(spacing)
 
     # the grid spans the whole sequence's bounding box (with a margin), like the decoder's fixed box
@@ -383,10 +384,7 @@ def _voxel_sequence(kind: str, frames: int, grid: int, seed: int, textured: bool
         verts.append(v)
         faces.append(f)
         rests.append(rest_positions(v, surface, fine_faces, fine))
-    allv = np.concatenate(verts)
-    diag = float(np.linalg.norm(allv.max(0) - allv.min(0)))
-    colors = [texture(rest, seed).astype(np.float32) for rest in rests] if textured else None
-    return SyntheticSequence(verts, faces, rests, deform, diag, colors)
+    return verts, faces, rests
 
 
 def material_points(deform: Callable, rest: np.ndarray, points: np.ndarray, frame: int, steps: int = 3) -> np.ndarray:
