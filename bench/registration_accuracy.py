@@ -5,7 +5,7 @@ correspondence error <= 1 % of the bounding-box diagonal at every frame, surface
     python bench/registration_accuracy.py [--frames 32] [--noise 0.003] [--rest-share 0.1 0.0 1.0]
         [--kinds capsule_bend:1 capsule_wave:1 ...] [--resolution 0.5] [--textured [--color-noise 0.05]
         [--relight 0.1] [--shading 0.6] [--patches | --unrelated]] [--prior-energy] [--sections]
-        [--voxels 64 [--sdf-noise 0.2]] [--vertices 20000]
+        [--voxels 64 [--sdf-noise 0.2]] [--vertices 20000] [--amplitude 0.5]
 
 --voxels GRID meshes every frame the way the pipeline meshes decoded frames (`synthetic.mesh_through_decoder`:
 signed distances on a GRID^3 voxel grid through the mesh decoder's FlexiCubes extraction and the
@@ -29,6 +29,9 @@ graph state that reproduces it best) with that of the fit, and fits once more st
 --sections also prints, for the worst frame, how far the cross-sections of the capsule (slices of the
 reference frame across z) have turned about y since the reference frame, in the truth and in the fit
 (each the best rigid fit of the slice's points): the waves' gap is a turn the surface cannot see.
+
+--amplitude scales how far every motion goes (`make_sequence`'s amplitude; 1 = the tests' motions), e.g. to
+see how the shape-only gaps grow with the waves' slope.
 
 --noise adds Gaussian noise (this fraction of the diagonal) to every vertex of every frame, like
 per-frame flicker of generated meshes; the truth stays noise-free, so the reference frame's own
@@ -132,6 +135,7 @@ def main() -> int:
     ap.add_argument("--voxels", type=int, default=0, metavar="GRID",
                     help="mesh every frame through the mesh decoder's extraction on a GRID^3 voxel grid")
     ap.add_argument("--sdf-noise", type=float, default=0.0, help="with --voxels: noise on the distances, in cells")
+    ap.add_argument("--amplitude", type=float, default=1.0, help="scale of every motion (1: the tests')")
     ap.add_argument("--vertices", type=int, default=10 ** 9, help="simplify the reference to this many vertices")
     args = ap.parse_args()
     if args.prior_energy:
@@ -144,14 +148,15 @@ def main() -> int:
           + (f"textured{' (two-tone patches)' if args.patches else ''}{f' (shading {args.shading})' if args.shading else ''}{' (unrelated colours)' if args.unrelated else ''}"
              f" (colour noise {args.color_noise}, relight ±{args.relight:.0%})" if args.textured
              else "shape only") + (f", frames meshed on a {args.voxels}^3 voxel grid (sdf noise {args.sdf_noise} cells)"
-                                   if args.voxels else "") + "; worst frame of each measure")
+                                   if args.voxels else "")
+          + (f", motions scaled by {args.amplitude}" if args.amplitude != 1 else "") + "; worst frame of each measure")
     for share in args.rest_share:
         for item in args.kinds:
             kind, seed = item.split(":")
             seq = make_sequence(kind, args.frames, resolution=args.resolution or RESOLUTION.get(kind, 0.5),
                                 seed=int(seed), textured=args.textured,
                                 meshing="voxels" if args.voxels else "parametric", grid=args.voxels or 64,
-                                sdf_noise=args.sdf_noise)
+                                sdf_noise=args.sdf_noise, amplitude=args.amplitude)
             rng = np.random.default_rng(int(seed) + 2000)
             if args.textured and args.patches:
                 seq.colors = [np.where(c > 0.5, 0.8, 0.2).astype(np.float32) for c in seq.colors]

@@ -76,7 +76,19 @@ KNOWN_GAPS = {   # shape only: measured max over the 32 frames at this resolutio
                          [pytest.param(*m, False, marks=_xfail(KNOWN_GAPS[m])) if m in KNOWN_GAPS
                           else (*m, False) for m in MOTIONS] + [(*m, True) for m in TEXTURED])
 def test_analytic_motion_is_followed(kind, seed, textured):
-    seq = make_sequence(kind, FRAMES, resolution=RESOLUTION.get(kind, 0.5), seed=seed, textured=textured)
+    _assert_followed(kind, make_sequence(kind, FRAMES, resolution=RESOLUTION.get(kind, 0.5), seed=seed,
+                                         textured=textured))
+
+
+# The shape-only gaps of the travelling waves grow in proportion to the wave (bench/RESULTS.md: at 0.25 /
+# 0.5 / 0.75 / 1 of the motion above, the shear wave 0.47 / 0.93 / 1.46 / 1.87 %): a gentler wave, 0.4 of
+# it (the body's axis tilting up to ±6° instead of ±14°), is within the bounds from the shape alone.
+@pytest.mark.parametrize("kind", ["capsule_wave", "capsule_swim"])
+def test_gentle_travelling_waves_are_followed_from_shape_alone(kind):
+    _assert_followed(kind, make_sequence(kind, FRAMES, resolution=0.5, seed=1, amplitude=0.4))
+
+
+def _assert_followed(kind, seq):
     counts = {v.shape[0] for v in seq.vertices}
     assert len(counts) > 1, "frames must be meshed independently"
     anim = register_sequence(_meshes(seq), target_vertices=100_000)

@@ -274,7 +274,7 @@ class SyntheticSequence:
 
 def make_sequence(kind: str, frames: int = 32, resolution: float = 1, seed: int = 0,
                   textured: bool = False, meshing: str = "parametric", grid: int = 64,
-                  sdf_noise: float = 0.0) -> SyntheticSequence:
+                  sdf_noise: float = 0.0, amplitude: float = 1.0) -> SyntheticSequence:
     """kind: 'sphere_bend', 'capsule_bend', 'capsule_twist', 'capsule_wave', 'cylinder_bend90',
     'flower_open' (a ball growing five petals up to 4x its radius: strong, non-isometric change),
     'capsule_pair_slide' (two round capsules side by side, PAIR_GAP apart, one sliding past the other
@@ -286,33 +286,36 @@ def make_sequence(kind: str, frames: int = 32, resolution: float = 1, seed: int 
     meshing: "parametric" (rings around the axis, see `capsule_mesh`) or "voxels": every frame is a
     fine parametric mesh moved by the motion, then meshed again by `mesh_through_decoder` on a
     grid^3 voxel grid over the whole sequence's bounding box (as the pipeline meshes decoded frames;
-    `resolution` is then unused; sdf_noise: see `mesh_through_decoder`)."""
+    `resolution` is then unused; sdf_noise: see `mesh_through_decoder`).
+    amplitude scales how far the motion goes (bend and twist angles, the waves' amplitudes, petal growth,
+    slide distance); 1 is the motion the tests use."""
     if meshing not in ("parametric", "voxels"):
         raise ValueError(f"unknown meshing {meshing!r}")
     rng = np.random.default_rng(seed)
     r, h, squash = 0.5, 1.0, 0.7
+    a = amplitude
     if kind == "sphere_bend":
         r, h, squash = 1.0, 0.0, 1.0
-        motion = lambda p, u: bend(p, 0.4 * math.sin(math.pi * u), -0.8, 0.8)
+        motion = lambda p, u: bend(p, a * 0.4 * math.sin(math.pi * u), -0.8, 0.8)
     elif kind == "capsule_bend":
-        motion = lambda p, u: bend(p, 0.8 * u, -1.0, 1.0)
+        motion = lambda p, u: bend(p, a * 0.8 * u, -1.0, 1.0)
     elif kind == "capsule_twist":
-        motion = lambda p, u: twist(p, math.pi / 3 * u, -1.5, 1.5)
+        motion = lambda p, u: twist(p, a * math.pi / 3 * u, -1.5, 1.5)
     elif kind == "capsule_wave":
-        motion = lambda p, u: wave(p, 0.12, 3.0, 0.5 * u)
+        motion = lambda p, u: wave(p, a * 0.12, 3.0, 0.5 * u)
     elif kind == "capsule_swim":
-        motion = lambda p, u: swim(p, 0.25, 3.0, 0.5 * u)
+        motion = lambda p, u: swim(p, a * 0.25, 3.0, 0.5 * u)
     elif kind == "capsule_pulse":
-        motion = lambda p, u: pulse(p, 0.15, 1.5, u)
+        motion = lambda p, u: pulse(p, a * 0.15, 1.5, u)
     elif kind == "flower_open":
         r, h, squash = 0.5, 0.0, 1.0
-        motion = lambda p, u: open_petals(p, 3.0 * u)
+        motion = lambda p, u: open_petals(p, a * 3.0 * u)
     elif kind == "capsule_pair_slide":
         r, h, squash = 0.5, 1.0, 1.0
-        motion = lambda p, u: slide_right_part(p, 0.8 * u)
+        motion = lambda p, u: slide_right_part(p, a * 0.8 * u)
     elif kind == "cylinder_bend90":
         r, h, squash = 0.2, 1.0, 1.0
-        motion = lambda p, u: bend(p, 0.5 * math.pi * u, -0.4, 0.4)
+        motion = lambda p, u: bend(p, a * 0.5 * math.pi * u, -0.4, 0.4)
     else:
         raise ValueError(f"unknown synthetic sequence {kind!r}")
 
