@@ -2,7 +2,12 @@
 independently), on the CPU or a GPU. Prints one result line; `--record` appends it to the
 "Registration" section of bench/RESULTS.md.
 
-    python bench/registration.py [--device cpu|cuda|mps] [--frames 32] [--vertices 20000] [--textured] [--record]
+    python bench/registration.py [--device cpu|cuda|mps] [--frames 32] [--vertices 20000] [--input-vertices N]
+        [--textured] [--record]
+
+--vertices is the registered mesh's size (the reference frame is simplified to it); --input-vertices the
+size of every input frame (default 1.2x --vertices; the pipeline hands registration frames of up to ~100k
+vertices: `GenerateSettings.mesh_target_faces`, 200k faces).
 
 --textured paints a colour pattern on the material (`synthetic.texture`), so the fit matches colours too.
 """
@@ -43,12 +48,14 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--vertices", type=int, default=20000)
+    ap.add_argument("--input-vertices", type=int, default=None)
     ap.add_argument("--kind", default="capsule_bend")
     ap.add_argument("--textured", action="store_true")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
-    # per-frame meshes of about 1.2x the target vertex count; the reference is simplified to the target
-    seq = make_sequence(args.kind, args.frames, resolution=max(1, round(args.vertices * 1.2 / 1900)), seed=0,
+    # per-frame meshes of about --input-vertices; the reference is simplified to the target
+    inputs = args.input_vertices or 1.2 * args.vertices
+    seq = make_sequence(args.kind, args.frames, resolution=max(1, round(inputs / 1900)), seed=0,
                         textured=args.textured)
     meshes = [Mesh(v, f, c) for v, f, c in zip(seq.vertices, seq.faces, seq.colors or [None] * args.frames)]
     if args.device.startswith("cuda"):

@@ -28,6 +28,7 @@ from ss4d_blender.engine.registration.geometry import (SurfaceDistance, face_col
                                                        unique_edges, unique_pairs)
 from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, interior_points, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
+from ss4d_blender.engine.registration.simplify import simplify_to_vertices
 from ss4d_blender.engine.registration.synthetic import (icosphere, make_sequence, material_points,
                                                         mesh_through_decoder, registration_errors, rest_positions)
 from ss4d_blender.engine.types import Mesh
@@ -437,6 +438,36 @@ def test_reference_is_simplified_and_fit_still_tight():
     assert 400 <= anim.vertices.shape[1] <= 800
     assert anim.info["simplification"] != "none"
     assert (anim.fit_error / seq.diagonal).max() < 0.005
+
+
+def test_simplification_keeps_small_parts():
+    """The reference frame's small separate parts (a held ball, a tail tip) stay in the registered mesh:
+    a sphere of 2 % of the body's faces beside a capsule comes through the simplification."""
+    seq = make_sequence("capsule_bend", 1, resolution=4, seed=1)
+    body, body_f = seq.vertices[0], seq.faces[0]
+    ball, ball_f = icosphere(2)
+    ball = (0.2 * ball + np.array([1.2, 0.0, 0.0])).astype(np.float32)
+    v = np.concatenate([body, ball])
+    f = np.concatenate([body_f, ball_f + len(body)]).astype(np.int32)
+    assert 0.01 < len(ball_f) / len(body_f) < 0.05
+    sv, sf, _, method = simplify_to_vertices(v, f, target_vertices=len(v) // 4)
+    assert method == "decimation" and len(sv) <= 0.3 * len(v)
+    near_ball = np.linalg.norm(sv - [1.2, 0.0, 0.0], axis=1) < 0.25
+    assert near_ball.sum() >= 12
+    assert np.abs(np.linalg.norm(sv[near_ball] - [1.2, 0.0, 0.0], axis=1) - 0.2).max() < 0.02
+
+
+def test_simplification_falls_back_to_clustering_where_decimation_cannot_reach():
+    """Faces that share no vertices (a soup whose copies do not weld) are all boundary, which edge collapse
+    leaves alone: vertex clustering brings the mesh down instead."""
+    v, f = icosphere(4)
+    soup = (v[f.reshape(-1)] + 1e-4 * np.random.default_rng(0).normal(size=(f.size, 3))).astype(np.float32)
+    soup_f = np.arange(f.size, dtype=np.int32).reshape(-1, 3)
+    target = len(v) // 2
+    sv, sf, _, method = simplify_to_vertices(soup, soup_f, target_vertices=target)
+    assert method == "vertex clustering"
+    assert len(sv) <= 1.2 * target and len(sf) > 0
+    assert np.abs(np.linalg.norm(sv, axis=1) - 1.0).max() < 0.1
 
 
 def test_broken_frames_are_reported_not_hidden():

@@ -253,8 +253,72 @@ def _expand(ptr: np.ndarray, items: np.ndarray, rows: np.ndarray):
     return owner, items[np.repeat(ptr[rows], deg) + offset]
 
 
-def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_cos: float = 0.2) -> Mesh:
-    """Quadric edge-collapse decimation to about ``target_faces`` faces (see module docstring)."""
+class _CollapseChecks:
+    """The tests a collapse of edge (u, w) to position x must pass on the mesh (v, f) of one round:
+    the link condition (u and w share exactly two neighbours, which do not both form a face with u
+    and with w: no non-manifold result, topology kept) and no neighbouring face flipping or
+    degenerating. Built once per round; `valid` checks any subset of the round's candidates."""
+
+    def __init__(self, v: np.ndarray, f: np.ndarray, edges: np.ndarray, min_normal_cos: float):
+        nv = len(v)
+        self.v, self.f, self.nv, self.min_normal_cos = v, f, nv, min_normal_cos
+        self.edge_keys = edges[:, 0] * nv + edges[:, 1]                    # sorted (np.unique order)
+        both = np.concatenate([edges, edges[:, ::-1]])
+        both = both[np.argsort(both[:, 0], kind="stable")]
+        self.neighbour_ptr = np.zeros(nv + 1, dtype=np.int64)
+        self.neighbour_ptr[1:] = np.cumsum(np.bincount(both[:, 0], minlength=nv))
+        self.neighbours = both[:, 1]
+        keys = np.sort(f, axis=1)
+        self.face_keys = np.sort((keys[:, 0] * nv + keys[:, 1]) * nv + keys[:, 2])
+        self.face_ptr, self.vertex_faces = _csr(f, nv)
+
+    def _has_face(self, p: np.ndarray, r: np.ndarray, s: np.ndarray) -> np.ndarray:
+        t = np.sort(np.stack([p, r, s], 1), axis=1)
+        key = (t[:, 0] * self.nv + t[:, 1]) * self.nv + t[:, 2]
+        pos = np.clip(np.searchsorted(self.face_keys, key), 0, len(self.face_keys) - 1)
+        return self.face_keys[pos] == key
+
+    def valid(self, u: np.ndarray, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """[k] bool for the collapses of edges (u[i], w[i]) to x[i]."""
+        k, nv = len(u), self.nv
+        owner, nb = _expand(self.neighbour_ptr, self.neighbours, u)
+        other = w[owner]
+        keep = nb != other
+        owner, nb, other = owner[keep], nb[keep], other[keep]
+        common = np.isin(np.minimum(nb, other) * nv + np.maximum(nb, other), self.edge_keys)
+        ok = np.bincount(owner[common], minlength=k) == 2
+        # the two common neighbours must not form a face with both u and w (tetrahedron-like case)
+        co_owner, co_nb = owner[common], nb[common]
+        first = np.searchsorted(co_owner, np.arange(k))                   # owner is non-decreasing
+        idx = np.nonzero(ok)[0]
+        a, b = co_nb[first[idx]], co_nb[first[idx] + 1]
+        ok[idx[self._has_face(u[idx], a, b) & self._has_face(w[idx], a, b)]] = False
+
+        # no neighbouring face may flip or degenerate
+        o1, f1 = _expand(self.face_ptr, self.vertex_faces, u)
+        o2, f2 = _expand(self.face_ptr, self.vertex_faces, w)
+        owner, fid = np.concatenate([o1, o2]), np.concatenate([f1, f2])
+        tri = self.f[fid]
+        moves = (tri == u[owner][:, None]) | (tri == w[owner][:, None])
+        survives = moves.sum(1) == 1
+        owner, tri, moves = owner[survives], tri[survives], moves[survives]
+        old_pts = self.v[tri]
+        new_pts = np.where(moves[..., None], x[owner][:, None, :], old_pts)
+        n_old = np.cross(old_pts[:, 1] - old_pts[:, 0], old_pts[:, 2] - old_pts[:, 0])
+        n_new = np.cross(new_pts[:, 1] - new_pts[:, 0], new_pts[:, 2] - new_pts[:, 0])
+        len_old, len_new = np.linalg.norm(n_old, axis=1), np.linalg.norm(n_new, axis=1)
+        cos = (n_old * n_new).sum(1) / np.maximum(len_old * len_new, 1e-30)
+        bad = (cos < self.min_normal_cos) | (len_new <= 1e-12 * np.maximum(len_old, 1e-30))
+        ok[owner[bad]] = False
+        return ok
+
+
+def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_cos: float = 0.2,
+             passes: int = 4) -> Mesh:
+    """Quadric edge-collapse decimation to about ``target_faces`` faces (see module docstring).
+    Every round picks collapses whose patches do not overlap in up to `passes` passes, cheapest
+    first; only the edges a pass would pick are checked (`_CollapseChecks`), which is what keeps a
+    round cheap: most candidates never come up."""
     v = mesh.vertices.astype(np.float64)
     f = mesh.faces.astype(np.int64)
     colors = None if mesh.colors is None else mesh.colors.astype(np.float64)
@@ -282,70 +346,17 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
         xh = np.concatenate([x, np.ones((len(x), 1))], 1)
         cost = np.einsum("ei,eij,ej->e", xh, q, xh)
         order = np.argsort(cost, kind="stable")[: min(len(cand), 12 * needed + 256)]
-        u, w, x, cost = u[order], w[order], x[order], cost[order]
+        u, w, x = u[order], w[order], x[order]
         k = len(u)
-
-        # link condition: u and w share exactly two neighbours, which are not both joined to u and w by faces
-        ekeys = edges[:, 0] * nv + edges[:, 1]
-        eptr = np.zeros(nv + 1, dtype=np.int64)
-        both = np.concatenate([edges, edges[:, ::-1]])
-        both = both[np.argsort(both[:, 0], kind="stable")]
-        eptr[1:] = np.cumsum(np.bincount(both[:, 0], minlength=nv))
-        owner, nb = _expand(eptr, both[:, 1], u)
-        other = w[owner]
-        keep = nb != other
-        owner, nb, other = owner[keep], nb[keep], other[keep]
-        common = np.isin(np.minimum(nb, other) * nv + np.maximum(nb, other), ekeys)
-        n_common = np.bincount(owner[common], minlength=k)
-        valid = n_common == 2
-        # the two common neighbours must not form a face with both u and w (tetrahedron-like case)
-        fkeys = np.sort(f, axis=1)
-        fkeys = (fkeys[:, 0] * nv + fkeys[:, 1]) * nv + fkeys[:, 2]
-        fkeys.sort()
-        co_owner, co_nb = owner[common], nb[common]
-        pair_first = np.full(k, -1)
-        pair_second = np.full(k, -1)
-        first_pos = np.searchsorted(co_owner, np.arange(k))     # owner is non-decreasing
-        has = valid & (first_pos < len(co_owner))
-        pair_first[has] = co_nb[first_pos[has]]
-        pair_second[has] = co_nb[np.minimum(first_pos[has] + 1, len(co_nb) - 1)]
-
-        def has_face(p, r, s):
-            t = np.sort(np.stack([p, r, s], 1), axis=1)
-            key = (t[:, 0] * nv + t[:, 1]) * nv + t[:, 2]
-            pos = np.clip(np.searchsorted(fkeys, key), 0, len(fkeys) - 1)
-            return fkeys[pos] == key
-        idx = np.nonzero(valid)[0]
-        tet = has_face(u[idx], pair_first[idx], pair_second[idx]) & has_face(w[idx], pair_first[idx], pair_second[idx])
-        valid[idx[tet]] = False
-
-        # no neighbouring face may flip or degenerate
-        ptr, vfaces = _csr(f, nv)
-        o1, f1 = _expand(ptr, vfaces, u)
-        o2, f2 = _expand(ptr, vfaces, w)
-        owner, fid = np.concatenate([o1, o2]), np.concatenate([f1, f2])
-        tri = f[fid]
-        moves = (tri == u[owner][:, None]) | (tri == w[owner][:, None])
-        survives = moves.sum(1) == 1
-        owner, fid, tri, moves = owner[survives], fid[survives], tri[survives], moves[survives]
-        old_pts = v[tri]
-        new_pts = np.where(moves[..., None], x[owner][:, None, :], old_pts)
-        n_old = np.cross(old_pts[:, 1] - old_pts[:, 0], old_pts[:, 2] - old_pts[:, 0])
-        n_new = np.cross(new_pts[:, 1] - new_pts[:, 0], new_pts[:, 2] - new_pts[:, 0])
-        len_old, len_new = np.linalg.norm(n_old, axis=1), np.linalg.norm(n_new, axis=1)
-        cos = (n_old * n_new).sum(1) / np.maximum(len_old * len_new, 1e-30)
-        bad = (cos < min_normal_cos) | (len_new <= 1e-12 * np.maximum(len_old, 1e-30))
-        bad_edge = np.zeros(k, dtype=bool)
-        bad_edge[owner[bad]] = True
-        valid &= ~bad_edge
-        if not valid.any():
-            break
+        checks = _CollapseChecks(v, f, edges, min_normal_cos)
 
         # pick collapses with disjoint patches: an edge wins if no face around its endpoints
-        # touches a cheaper eligible edge; a few passes, each excluding the patches taken so far
+        # touches a cheaper eligible edge; winners that fail the checks drop out, and the next
+        # pass lets others win in their place, excluding the patches taken so far
         chosen = np.zeros(k, dtype=bool)
-        eligible = valid.copy()
-        for _pass in range(4):
+        eligible = np.ones(k, dtype=bool)
+        picking = 0
+        for _pass in range(4 * passes):                 # passes that pick something, at most `passes`
             rank = np.where(eligible, np.arange(k), k)
             vrank = np.full(nv, k)
             np.minimum.at(vrank, u, rank)
@@ -354,10 +365,16 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
             patch_min = np.full(nv, k)
             for corner in range(3):
                 np.minimum.at(patch_min, f[:, corner], frank)
-            win = eligible & (patch_min[u] == rank) & (patch_min[w] == rank)
-            if not win.any():
+            win = np.nonzero(eligible & (patch_min[u] == rank) & (patch_min[w] == rank))[0]
+            if len(win) == 0:
                 break
-            chosen |= win
+            ok = checks.valid(u[win], w[win], x[win])
+            eligible[win[~ok]] = False
+            win = win[ok]
+            if len(win) == 0:
+                continue
+            picking += 1
+            chosen[win] = True
             # faces in the winners' patches are taken; edges touching them are no longer eligible
             taken_vertex = np.zeros(nv, dtype=bool)
             taken_vertex[u[win]] = True
@@ -366,7 +383,7 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
             near_taken = np.zeros(nv, dtype=bool)
             near_taken[f[taken_face].reshape(-1)] = True
             eligible &= ~(near_taken[u] | near_taken[w])
-            if chosen.sum() >= needed or not eligible.any():
+            if picking >= passes or chosen.sum() >= needed or not eligible.any():
                 break
         chosen = np.nonzero(chosen)[0][:needed]
         if len(chosen) == 0:

@@ -1,11 +1,13 @@
-"""Fallback simplification of the reference frame to a target vertex count.
+"""Simplification of the reference frame to a target vertex count.
 
-Vertex clustering on a uniform grid (cell size found by bisection so the count lands near the
-target); vertices of one cell that face the same way (6 normal buckets, so the two sides of a thin
-sheet are not welded) merge into their mean. Faces that collapse are dropped.
-
-TODO(dedup): the [mesh] engineer owns proper decimation in `engine/mesh/cleanup.py`
-(`clean_mesh(mesh, ..., target_faces=...)`); `simplify_to_vertices` prefers it when present.
+`simplify_to_vertices` welds the mesh and decimates it by quadric edge collapse
+(`mesh.cleanup.decimate`), keeping every part, however small. Decimation leaves boundary and
+non-manifold vertices alone, so a mesh made mostly of them (a triangle soup that does not weld, torn
+sheets) cannot get near the target that way; it then falls back to vertex clustering on a uniform grid
+(`cluster_simplify`: cell size found by bisection so the count lands near the target; vertices of one
+cell that face the same way, 6 normal buckets, merge into their mean, so the two sides of a thin sheet
+are not welded; faces that collapse are dropped). `cluster_labels` also gives `graph.SurfacePaths` its
+coarse version of a mesh.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..mesh.cleanup import clean_mesh
+from ..types import Mesh
 from .geometry import vertex_normals
 
 
@@ -85,23 +89,14 @@ def cluster_simplify(vertices: np.ndarray, faces: np.ndarray, target_vertices: i
 def simplify_to_vertices(vertices: np.ndarray, faces: np.ndarray, target_vertices: int,
                          colors: Optional[np.ndarray] = None
                          ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], str]:
-    """Reduce a mesh to about `target_vertices` vertices. Returns (vertices, faces, colors, method).
-    Meshes already small enough come back unchanged."""
+    """Reduce a mesh to about `target_vertices` vertices. Returns (vertices, faces, colors, method),
+    method "none" (already small enough: unchanged), "decimation" or "vertex clustering" (decimation
+    stayed above 1.5x the target: see the module notes)."""
     if vertices.shape[0] <= target_vertices:
         return vertices, faces, colors, "none"
-    try:  # the [mesh] engineer's decimation, when it exists
-        from ..mesh.cleanup import clean_mesh  # type: ignore
-        from ..types import Mesh
-    except ImportError:
-        clean_mesh = None
-    if clean_mesh is not None:
-        try:
-            out = clean_mesh(Mesh(vertices, faces, colors), target_faces=2 * target_vertices)
-            if out.vertices.shape[0] > 0 and out.faces.shape[0] > 0:
-                return (np.asarray(out.vertices, np.float32), np.asarray(out.faces, np.int32),
-                        None if out.colors is None else np.asarray(out.colors, np.float32),
-                        "mesh.cleanup.clean_mesh")
-        except TypeError:
-            pass
+    out = clean_mesh(Mesh(vertices, faces, colors), min_component_fraction=0.0, target_faces=2 * target_vertices)
+    if 0 < out.vertices.shape[0] <= 1.5 * target_vertices:
+        return (np.asarray(out.vertices, np.float32), np.asarray(out.faces, np.int32),
+                None if out.colors is None else np.asarray(out.colors, np.float32), "decimation")
     v, f, c = cluster_simplify(vertices, faces, target_vertices, colors)
     return v, f, c, "vertex clustering"
