@@ -94,7 +94,7 @@ def test_generate_four_frames_end_to_end(tiny, boxing, tmp_path):
     # progress went through the stages in order, each ending at 1
     seen = list(dict.fromkeys(s for s, _ in stages))
     assert seen == ["Loading models", "Encoding frames", "Sampling structure", "Sampling latents", "Decoding",
-                    "Meshing"]
+                    "Meshing", "Cleaning meshes"]
     for stage in seen[1:]:
         assert max(f for s, f in stages if s == stage) == 1.0
     # what produced it is recorded
@@ -190,6 +190,26 @@ def test_cancel_from_the_progress_callback(tiny, boxing):
     # a cancelled Progress stops a new run at once
     with pytest.raises(Cancelled):
         generate(frames, settings_for(tiny), progress)
+
+
+def test_cancel_while_cleaning_meshes_stops_between_frames(tiny, boxing, monkeypatch):
+    """Cleaning and decimating the frames' meshes is CPU work of up to ~15 s a frame at full size: it
+    reports per frame, and a cancel stops it before the next frame."""
+    from ss4d_blender.engine import mesh as mesh_module
+
+    cleaned, stages = [], []
+    progress = Progress(callback=lambda stage, fraction: stages.append((stage, fraction)))
+    real_clean = mesh_module.clean_mesh
+
+    def clean_then_press_esc(m, **kwargs):     # the user cancels while the first frame is being cleaned
+        cleaned.append(m)
+        progress.cancel()
+        return real_clean(m, **kwargs)
+
+    monkeypatch.setattr(mesh_module, "clean_mesh", clean_then_press_esc)
+    with pytest.raises(Cancelled):
+        generate(read_frames(boxing, frame_indices=[0, 1, 2]), settings_for(tiny, mesh_decoder=None), progress)
+    assert len(cleaned) == 1 and stages[-1] == ("Cleaning meshes", 0.0)
 
 
 def test_out_of_memory_in_a_stage_says_what_to_lower(tiny, boxing):

@@ -60,7 +60,7 @@ def test_generate_writes_result_gaussians_and_meshes(generated):
     assert out.returncode == 0, out.stderr
     assert NOISE_WARNING in out.stderr
     for stage in ("Loading models", "Encoding frames", "Sampling structure", "Sampling latents", "Decoding",
-                  "Meshing"):
+                  "Meshing", "Cleaning meshes"):
         assert stage in out.stderr  # one tqdm bar per stage
     assert "100%" in out.stderr
     assert "4 frames" in out.stdout and "result.safetensors" in out.stdout

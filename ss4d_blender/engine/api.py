@@ -27,7 +27,7 @@ from .sparse import SparseTensor
 from .types import AnimatedMesh
 
 STAGES = ("Loading models", "Encoding frames", "Sampling structure", "Sampling latents", "Decoding", "Meshing",
-          "Registering")
+          "Cleaning meshes", "Registering")
 
 
 @dataclass
@@ -135,9 +135,13 @@ def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSetti
                 for i, g in enumerate(gaussians):
                     raw.append(mesh_from_gaussians(g))
                     progress.update("Meshing", (i + 1) / len(gaussians))
-            meshes = [clean_mesh(m, min_component_fraction=settings.min_component_fraction,
-                                 fill_holes=settings.fill_holes, target_faces=settings.mesh_target_faces)
-                      for m in raw]
+        # CPU work, up to ~15 s a frame at 400k faces (bench/decimation.py): reported, and cancellable, per frame
+        meshes = []
+        for i, m in enumerate(raw):
+            progress.update("Cleaning meshes", i / len(raw))
+            meshes.append(clean_mesh(m, min_component_fraction=settings.min_component_fraction,
+                                     fill_holes=settings.fill_holes, target_faces=settings.mesh_target_faces))
+        progress.update("Cleaning meshes", 1.0)
     keep = coords[:, 0] < count
     info = asdict(settings)
     info.update(pipeline_revision=revision, mesh_decoder_source=mesh_source, device=str(device), precision=precision,
