@@ -253,6 +253,19 @@ def _expand(ptr: np.ndarray, items: np.ndarray, rows: np.ndarray):
     return owner, items[np.repeat(ptr[rows], deg) + offset]
 
 
+def _collapse_placement(v: np.ndarray, quadric: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where collapsing each edge [E, 2] puts the merged vertex, minimising x^T Q x over the summed
+    quadrics (regularised towards the edge's midpoint), and that cost: ([E, 3], [E])."""
+    u, w = edges[:, 0], edges[:, 1]
+    q = quadric[u] + quadric[w]
+    a, b = q[:, :3, :3], q[:, :3, 3]
+    mid = 0.5 * (v[u] + v[w])
+    lam = 1e-6 * np.trace(a, axis1=1, axis2=2)[:, None] + 1e-15
+    x = np.linalg.solve(a + lam[:, :, None] * np.eye(3), (-b + lam * mid)[..., None])[..., 0]
+    xh = np.concatenate([x, np.ones((len(x), 1))], 1)
+    return x, np.einsum("ei,eij,ej->e", xh, q, xh)
+
+
 class _CollapseChecks:
     """The tests a collapse of edge (u, w) to position x must pass on the mesh (v, f) of one round:
     the link condition (u and w share exactly two neighbours, which do not both form a face with u
@@ -326,26 +339,29 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
     if nv ** 3 >= 2 ** 62:
         raise ValueError("mesh too large for decimation keys")
     quadric = _plane_quadrics(v, f)
+    # every edge's collapse position and cost, kept from round to round: only edges at a vertex that
+    # the last round moved (a collapse's survivor) change
+    known_keys, known_x, known_cost = np.zeros(0, dtype=np.int64), np.zeros((0, 3)), np.zeros(0)
+    moved = np.ones(nv, dtype=bool)
     for _ in range(max_rounds):
         needed = (len(f) - target_faces) // 2
         if needed <= 0:
             break
         edges, counts = _undirected(f, nv)
+        keys = edges[:, 0] * nv + edges[:, 1]
+        fresh = moved[edges[:, 0]] | moved[edges[:, 1]]
+        x_all, cost_all = np.empty((len(edges), 3)), np.empty(len(edges))
+        kept = np.searchsorted(known_keys, keys[~fresh])
+        x_all[~fresh], cost_all[~fresh] = known_x[kept], known_cost[kept]
+        x_all[fresh], cost_all[fresh] = _collapse_placement(v, quadric, edges[fresh])
+        known_keys, known_x, known_cost = keys, x_all, cost_all
         locked = np.zeros(nv, dtype=bool)
         locked[edges[counts != 2].reshape(-1)] = True
-        cand = edges[~(locked[edges[:, 0]] | locked[edges[:, 1]])]
-        if len(cand) == 0:
+        is_cand = ~(locked[edges[:, 0]] | locked[edges[:, 1]])
+        if not is_cand.any():
             break
-        u, w = cand[:, 0], cand[:, 1]
-        # optimal position: minimise x^T Q x, regularised towards the edge midpoint
-        q = quadric[u] + quadric[w]
-        a, b = q[:, :3, :3], q[:, :3, 3]
-        mid = 0.5 * (v[u] + v[w])
-        lam = 1e-6 * np.trace(a, axis1=1, axis2=2)[:, None] + 1e-15
-        x = np.linalg.solve(a + lam[:, :, None] * np.eye(3), (-b + lam * mid)[..., None])[..., 0]
-        xh = np.concatenate([x, np.ones((len(x), 1))], 1)
-        cost = np.einsum("ei,eij,ej->e", xh, q, xh)
-        order = np.argsort(cost, kind="stable")[: min(len(cand), 12 * needed + 256)]
+        u, w, x, cost = edges[is_cand, 0], edges[is_cand, 1], x_all[is_cand], cost_all[is_cand]
+        order = np.argsort(cost, kind="stable")[: min(len(u), 12 * needed + 256)]
         u, w, x = u[order], w[order], x[order]
         k = len(u)
         checks = _CollapseChecks(v, f, edges, min_normal_cos)
@@ -393,6 +409,8 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
         quadric[cu] += quadric[cw]
         if colors is not None:
             colors[cu] = 0.5 * (colors[cu] + colors[cw])
+        moved = np.zeros(nv, dtype=bool)
+        moved[cu] = True
         remap = np.arange(nv)
         remap[cw] = cu
         f = remap[f]
