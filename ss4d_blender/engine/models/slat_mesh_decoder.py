@@ -59,10 +59,8 @@ def feature_channels(use_color: bool) -> int:
 
 
 class SparseGroupNorm32(nn.GroupNorm):
-    """Group norm over the voxels of each batch entry separately, computed in float32.
-
-    TODO(lead): move to engine/sparse (sparse-core) if it grows a sparse group norm.
-    """
+    """Group norm over the voxels of each batch entry separately, computed in float32 (only this
+    decoder normalises sparse features by groups, so it lives here)."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         feats = x.feats.float()
@@ -124,10 +122,8 @@ class SpconvPointwise(nn.Module):
     multiplies the features by that memory *viewed as* ``[in, out]`` (not by its transpose).  The
     official TRELLIS checkpoints were trained that way (and the golden fixture was made that way), so
     this layer does the same: ``out = feats @ weight.reshape(in, out) + bias``.  With in == out this is a
-    plain linear map by a differently arranged matrix; the reshape is not a transpose.
-
-    TODO(lead): move to engine/sparse (sparse-core) if its SparseConv3d grows kernel-size-1 support;
-    it must keep this arrangement.
+    plain linear map by a differently arranged matrix; the reshape is not a transpose. Any other
+    implementation of this layer (e.g. a kernel-size-1 `SparseConv3d`) must keep this arrangement.
     """
 
     def __init__(self, in_channels: int, out_channels: int):

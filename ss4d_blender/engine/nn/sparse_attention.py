@@ -169,9 +169,7 @@ class SparseMultiHeadAttention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Attention kernels over groups of voxels.
-# TODO(lead): move to engine/sparse/ (sparse-core) -- written here because engine.sparse had no
-# attention functions yet when this module was needed.
+# Attention kernels over groups of voxels (used only by the attention above, so they live beside it).
 # ------------------------------------------------------------------------------------------------------
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Attention among the rows that share a group id.
