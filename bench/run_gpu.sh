@@ -14,6 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 "$PY" bench/sparse_conv.py --device cuda 2>&1 | tee "$LOG/sparse_conv.txt"
 "$PY" bench/registration.py --device cuda 2>&1 | tee "$LOG/registration.txt"
+"$PY" bench/registration.py --device cuda --textured --input-vertices 100000 2>&1 | tee -a "$LOG/registration.txt"
 "$PY" bench/precision.py --device cuda --golden "${GOLDEN:-shared/golden}" 2>&1 | tee "$LOG/precision.txt"
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 2>&1 | tee "$LOG/pipeline.txt"
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 --no-offload 2>&1 \
