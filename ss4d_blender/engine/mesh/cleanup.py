@@ -272,10 +272,12 @@ class _CollapseChecks:
     and with w: no non-manifold result, topology kept) and no neighbouring face flipping or
     degenerating. Built once per round; `valid` checks any subset of the round's candidates."""
 
-    def __init__(self, v: np.ndarray, f: np.ndarray, edges: np.ndarray, min_normal_cos: float):
+    def __init__(self, v: np.ndarray, f: np.ndarray, edges: np.ndarray, edge_keys: np.ndarray,
+                 min_normal_cos: float):
+        """edges [E, 2] (a < b) and their keys a * V + b [E], sorted (as `_undirected` gives them)."""
         nv = len(v)
         self.v, self.f, self.nv, self.min_normal_cos = v, f, nv, min_normal_cos
-        self.edge_keys = edges[:, 0] * nv + edges[:, 1]                    # sorted (np.unique order)
+        self.edge_keys = edge_keys
         both = np.concatenate([edges, edges[:, ::-1]])
         both = both[np.argsort(both[:, 0], kind="stable")]
         self.neighbour_ptr = np.zeros(nv + 1, dtype=np.int64)
@@ -364,7 +366,7 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
         order = np.argsort(cost, kind="stable")[: min(len(u), 12 * needed + 256)]
         u, w, x = u[order], w[order], x[order]
         k = len(u)
-        checks = _CollapseChecks(v, f, edges, min_normal_cos)
+        checks = _CollapseChecks(v, f, edges, keys, min_normal_cos)
 
         # pick collapses with disjoint patches: an edge wins if no face around its endpoints
         # touches a cheaper eligible edge; winners that fail the checks drop out, and the next
