@@ -31,7 +31,7 @@ PLATFORM_TAGS = {  # Blender platform -> pip platform tags accepted for it
     "macos-arm64": ["macosx_11_0_arm64", "macosx_12_0_arm64"],
 }
 WHEEL_PLATFORM = {"windows-x64": "win_amd64", "linux-x64": "manylinux", "macos-arm64": "macosx"}
-EXCLUDE = re.compile(r"(__pycache__|\.pyc$)")
+EXCLUDE = re.compile(r"(__pycache__|\.pyc$|^testing/)")  # testing/: parity runners, synthetic motions (dev only)
 
 
 def download_wheels(platform: str, dest: Path) -> None:
@@ -76,8 +76,9 @@ def build(platform: str, wheel_folder: Path, out: Path) -> Path:
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("blender_manifest.toml", manifest)
         for path in sorted(PACKAGE.rglob("*")):
-            if path.is_file() and not EXCLUDE.search(str(path)):
-                z.write(path, path.relative_to(PACKAGE).as_posix())
+            name = path.relative_to(PACKAGE).as_posix()
+            if path.is_file() and not EXCLUDE.search(name):
+                z.write(path, name)
         for wheel in wheels:
             z.write(wheel, f"wheels/{wheel.name}")
     return target

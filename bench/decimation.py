@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ss4d_blender.engine.mesh.cleanup import decimate, euler_characteristic, is_watertight  # noqa: E402
 from ss4d_blender.engine.registration.geometry import SurfaceDistance  # noqa: E402
 from ss4d_blender.engine.registration.knn import PointGrid  # noqa: E402
-from ss4d_blender.engine.registration.synthetic import make_sequence  # noqa: E402
+from ss4d_blender.testing.synthetic import make_sequence  # noqa: E402
 from ss4d_blender.engine.types import Mesh  # noqa: E402
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ss4d_blender.engine.golden_runners.common import errors  # noqa: E402
+from ss4d_blender.testing.golden_runners.common import errors  # noqa: E402
 from ss4d_blender.engine.loading import build_model, cast_precision  # noqa: E402
 from ss4d_blender.engine.sparse import SparseTensor  # noqa: E402
 

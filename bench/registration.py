@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ss4d_blender.engine.registration import register_sequence  # noqa: E402
-from ss4d_blender.engine.registration.synthetic import make_sequence  # noqa: E402
+from ss4d_blender.testing.synthetic import make_sequence  # noqa: E402
 from ss4d_blender.engine.types import Mesh  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ss4d_blender.engine.registration import register_sequence  # noqa: E402
 from ss4d_blender.engine.registration.deform import Deformer, FitSettings, Target, best_rotations  # noqa: E402
 from ss4d_blender.engine.registration.geometry import vertex_normals  # noqa: E402
-from ss4d_blender.engine.registration.synthetic import make_sequence, registration_errors  # noqa: E402
+from ss4d_blender.testing.synthetic import make_sequence, registration_errors  # noqa: E402
 from ss4d_blender.engine.types import Mesh  # noqa: E402
 
 KINDS = ["capsule_bend:1", "capsule_bend:2", "capsule_bend:3", "capsule_twist:1", "capsule_wave:1",

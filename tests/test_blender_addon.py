@@ -392,7 +392,7 @@ def test_frames_that_fit_poorly_are_named_on_the_timeline(scene, shared_dir):
     object's properties name them by timeline frame; the fit errors are the new run's. The result file
     is replaced by a clean synthetic sequence whose third frame is a far-away, small other shape."""
     from ss4d_blender.blender import panels
-    from ss4d_blender.engine.registration.synthetic import make_sequence
+    from ss4d_blender.testing.synthetic import make_sequence
     from ss4d_blender.engine.result import load_result
     from ss4d_blender.engine.types import Mesh
 

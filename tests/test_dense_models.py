@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ss4d_blender.engine.golden_runners import dense
+from ss4d_blender.testing.golden_runners import dense
 from ss4d_blender.engine.loading import build_model
 from ss4d_blender.engine.models.sparse_structure_decoder import SparseStructureDecoder, occupancy_to_coords
 from ss4d_blender.engine.models.sparse_structure_flow_4d import SparseStructureFlow4DModel, patchify, unpatchify

@@ -100,7 +100,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny, shared_dir):
 
 
 def test_animate_writes_one_mesh_through_all_frames(tmp_path):
-    from ss4d_blender.engine.registration.synthetic import make_sequence
+    from ss4d_blender.testing.synthetic import make_sequence
 
     seq = make_sequence("capsule_bend", 4, resolution=0.5, seed=2)
     meshes = [Mesh(v.astype(np.float32) * 0.3, f.astype(np.int32), np.full((len(v), 3), 0.25, np.float32))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ss4d_blender.engine.golden_runners.flexicubes import compare
+from ss4d_blender.testing.golden_runners.flexicubes import compare
 from ss4d_blender.engine.mesh import (euler_characteristic, flexicubes_extract, is_consistently_oriented,
                                       is_watertight, signed_volume)
 from ss4d_blender.engine.mesh.flexicubes import CORNER_OFFSETS

@@ -29,7 +29,7 @@ from ss4d_blender.engine.registration.geometry import (SurfaceDistance, face_col
 from ss4d_blender.engine.registration.graph import DeformationGraph, SurfacePaths, interior_points, rodrigues
 from ss4d_blender.engine.registration.knn import PointGrid, brute_force_nearest
 from ss4d_blender.engine.registration.simplify import simplify_to_vertices
-from ss4d_blender.engine.registration.synthetic import (icosphere, make_sequence, material_points,
+from ss4d_blender.testing.synthetic import (icosphere, make_sequence, material_points,
                                                         mesh_through_decoder, registration_errors, rest_positions)
 from ss4d_blender.engine.types import Mesh
 
@@ -179,7 +179,7 @@ def test_vertices_off_the_surface_are_followed_as_the_points_they_are():
 def test_swimming_wave_keeps_the_axis_length_and_rigid_normal_sections():
     """The ground truth of 'capsule_swim' is what it claims: an inextensible axis, and cross-sections
     that move rigidly and stay normal to it."""
-    from ss4d_blender.engine.registration.synthetic import swim
+    from ss4d_blender.testing.synthetic import swim
 
     z = np.linspace(-1.5, 1.5, 601)
     axis = swim(np.stack([0 * z, 0 * z, z], 1), 0.25, 3.0, 0.3)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from ss4d_blender.engine.errors import Cancelled
-from ss4d_blender.engine.golden_runners import dense
+from ss4d_blender.testing.golden_runners import dense
 from ss4d_blender.engine.sampler import FlowEulerSampler, flow_times, make_sampler
 from ss4d_blender.engine.sparse import SparseTensor
 

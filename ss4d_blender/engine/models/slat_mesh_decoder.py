@@ -11,7 +11,7 @@ Data flow (released config: R = 64, C = 768, swin 8, 12 blocks)::
       upsample[1]: SparseSubdivideBlock3d  C/4 -> C/8                                   [64N, C/8]  at 4R
       out_layer (Linear)                                                                 [64N, 101]  at 4R
 
-Output feature layout (what [mesh] turns into FlexiCubes input; TRELLIS ``SparseFeatures2Mesh``)
+Output feature layout (what `engine.mesh.decoder_to_mesh` turns into FlexiCubes input; TRELLIS ``SparseFeatures2Mesh``)
 -------------------------------------------------------------------------------------------------
 Every output row is one active *cube* (fine voxel) of the 4R grid at integer ``(x, y, z)``; its eight
 corners are grid vertices ``(x, y, z) + corner``, corners numbered ``c = dx + 2 dy + 4 dz``::

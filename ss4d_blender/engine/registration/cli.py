@@ -40,11 +40,8 @@ def load_meshes(path: Path) -> tuple[list[Mesh], Optional[list]]:
                 meshes.append(Mesh(data[f"vertices_{t}"].astype(np.float32),
                                    data[f"faces_{t}"].astype(np.int32), colors))
         return meshes, None
-    try:
-        from ..result import load_result  # written by the [pipeline] engineer
-    except ImportError:
-        raise InputError(f"{path}: only .npz input is supported in this build "
-                         "(the pipeline result reader engine/result.py is not available).") from None
+    from ..result import load_result
+
     result = load_result(path)
     return list(result.meshes), list(getattr(result, "gaussians", None) or []) or None
 

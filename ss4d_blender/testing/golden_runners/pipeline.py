@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..pipeline import PipelineSpec, SS4DPipeline
+from ...engine.pipeline import PipelineSpec, SS4DPipeline
 from .common import Check, coords_check, tensor_check
 
 

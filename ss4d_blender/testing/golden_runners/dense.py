@@ -9,10 +9,10 @@ from typing import Optional
 
 import torch
 
-from ..loading import load_model
-from ..models.sparse_structure_decoder import occupancy_to_coords
-from ..sampler import make_sampler
-from ..sparse import SparseTensor
+from ...engine.loading import load_model
+from ...engine.models.sparse_structure_decoder import occupancy_to_coords
+from ...engine.sampler import make_sampler
+from ...engine.sparse import SparseTensor
 from .common import Check, coords_check, tensor_check
 
 

@@ -189,11 +189,11 @@ def mesh_through_decoder(vertices: np.ndarray, faces: np.ndarray, grid: int, cen
     is fine up to grid ~128."""
     import torch
 
-    from ..mesh import clean_mesh
-    from ..mesh.decoder_to_mesh import NUM_CHANNELS_NO_COLOR, SDF, mesh_from_decoder_features
-    from ..mesh.grid import corner_offsets, pack, unpack
-    from .geometry import SurfaceDistance, face_normals
-    from .knn import PointGrid
+    from ..engine.mesh import clean_mesh
+    from ..engine.mesh.decoder_to_mesh import NUM_CHANNELS_NO_COLOR, SDF, mesh_from_decoder_features
+    from ..engine.mesh.grid import corner_offsets, pack, unpack
+    from ..engine.registration.geometry import SurfaceDistance, face_normals
+    from ..engine.registration.knn import PointGrid
 
     R = int(grid)
     v = (torch.from_numpy(np.asarray(vertices, np.float64)) - torch.from_numpy(np.asarray(centre, np.float64))) * scale
@@ -249,7 +249,7 @@ def rest_positions(points: np.ndarray, surface: np.ndarray, faces: np.ndarray, r
     closest surface point, interpolated barycentrically over its triangle."""
     import torch
 
-    from .geometry import SurfaceDistance, barycentric
+    from ..engine.registration.geometry import SurfaceDistance, barycentric
 
     v = torch.from_numpy(np.asarray(surface, np.float64))
     f = torch.from_numpy(np.asarray(faces, np.int64))
@@ -412,7 +412,7 @@ def registration_errors(seq: SyntheticSequence, anim) -> tuple[np.ndarray, np.nd
     the bounding-box diagonal, and the share of faces whose orientation flipped."""
     import torch
 
-    from .geometry import SurfaceDistance
+    from ..engine.registration.geometry import SurfaceDistance
 
     r = anim.reference_frame
     if anim.vertices.shape[1] == len(seq.vertices[r]) and np.allclose(anim.vertices[r], seq.vertices[r], atol=1e-6):

@@ -1,6 +1,6 @@
 """Checks parity fixtures in the ../shared/golden format.
 
-    python -m ss4d_blender.engine.verify_golden DIR [DIR...]
+    python -m ss4d_blender.testing.verify_golden DIR [DIR...]
 
 Each DIR is a case folder (manifest.json + io.safetensors [+ config.json + weights.safetensors], or a
 pipeline folder with pipeline.json) or a folder holding such folders (searched recursively). Prints one line per case: name, max abs
@@ -67,7 +67,7 @@ def run_case(case_dir: Path):
     kind = case_kind(case_dir, config, manifest)
     module = RUNNERS.get(kind)
     if module is None:
-        return [], f"no runner for case kind {kind!r}"
+        return [], f"no runner for {kind}"
     try:
         runner = importlib.import_module(f"{__package__}.golden_runners.{module}")
     except ImportError as err:
@@ -77,7 +77,7 @@ def run_case(case_dir: Path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ss4d_blender.engine.verify_golden", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ss4d_blender.testing.verify_golden", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path)
     parser.add_argument("--verbose", "-v", action="store_true", help="print every check of every case")

@@ -1,7 +1,7 @@
 """Shared pieces of the golden-fixture runners.
 
 A runner module exposes `run(case_dir, config, manifest, io) -> list[Check]`; `verify_golden` picks the
-runner for a case (see `runner_for`) and reports the worst check per case.
+runner for a case (see `RUNNERS` there) and reports the worst check per case.
 """
 from __future__ import annotations
 
@@ -59,10 +59,13 @@ def coords_set_check(name: str, ours: torch.Tensor, ref: torch.Tensor) -> Check:
                  "same voxels, different row order (compared as sets)" if same else "different voxel sets")
 
 
-def _sorted_rows(coords: torch.Tensor) -> torch.Tensor:
-    """Rows in lexicographic order."""
+def lexicographic_order(coords: torch.Tensor) -> torch.Tensor:
+    """Row indices that sort the rows of coords lexicographically."""
     order = torch.arange(len(coords))
     for col in reversed(range(coords.shape[1])):  # stable sorts, last key first
         order = order[torch.sort(coords[order, col], stable=True).indices]
-    return coords[order]
+    return order
 
+
+def _sorted_rows(coords: torch.Tensor) -> torch.Tensor:
+    return coords[lexicographic_order(coords)]
