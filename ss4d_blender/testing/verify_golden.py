@@ -27,6 +27,7 @@ RUNNERS = {
     "SparseOpsHolder": "sparse_ops",
     "FlexiCubes": "flexicubes",
     "TrellisVideoTo4DPipeline": "pipeline",
+    "BiRefNet": "birefnet",
 }
 
 
