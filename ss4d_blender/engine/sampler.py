@@ -9,6 +9,11 @@ while lo <= t <= hi (outside, one conditional call). Also returned per step: the
 
 Works on dense tensors and on `SparseTensor`s (features updated, coordinates and their neighbour-map
 cache shared by every step).
+
+Known frames (continuing a clip from an earlier window, `KnownFrames`): before each model call their
+entries are set to the flow's forward noising of their final values at that step's t,
+x_t = (1 - t) x_0 + (sigma_min + (1 - sigma_min) t) noise, with the noise they were first drawn with, and
+the result holds their x_0 exactly. The other entries are sampled as usual, attending to a consistent past.
 """
 from __future__ import annotations
 
@@ -26,6 +31,25 @@ class SamplerOutput:
     samples: Any
     pred_x_t: list = field(default_factory=list)   # x after each step
     pred_x_0: list = field(default_factory=list)   # x_0 prediction at each step
+
+
+@dataclass
+class KnownFrames:
+    """Entries held at known final values: `index` long [K] along dim 0 of the values (frames of a dense
+    [T, C, ...] latent, rows of sparse features [N, C]); `clean` [K, ...] their x_0; `noise` [K, ...]."""
+
+    index: torch.Tensor
+    clean: torch.Tensor
+    noise: torch.Tensor
+
+    def noised(self, t: float, sigma_min: float) -> torch.Tensor:
+        """The flow's forward process at time t (t = 1: the noise itself)."""
+        return (1 - t) * self.clean + (sigma_min + (1 - sigma_min) * t) * self.noise
+
+    def hold(self, x, values: torch.Tensor):
+        """x with the known entries set to `values`."""
+        held = _values(x).index_copy(0, self.index, values.to(_values(x).dtype))
+        return _like(x, held)
 
 
 def flow_times(steps: int, rescale_t: float = 1.0) -> np.ndarray:
@@ -71,9 +95,10 @@ class FlowEulerSampler:
     def sample(self, model, noise, cond, neg_cond=None, steps: int = 50, rescale_t: float = 1.0,
                cfg_strength: float = 3.0, cfg_interval: Sequence[float] = (0.0, 1.0),
                progress: Optional[Callable[[int, int], None]] = None, keep_history: bool = False,
-               **model_kwargs) -> SamplerOutput:
+               known: Optional[KnownFrames] = None, **model_kwargs) -> SamplerOutput:
         """noise: dense [B, ...] or SparseTensor; cond / neg_cond: [B or 1, L, C]; model_kwargs go to the
-        model (e.g. num_frames). progress(step_done, steps) after each step (may raise Cancelled)."""
+        model (e.g. num_frames). progress(step_done, steps) after each step (may raise Cancelled).
+        known: entries held at their forward-noised final values (see `KnownFrames`); None = none."""
         if self.guidance != "none" and neg_cond is None:
             raise ValueError(f"classifier-free guidance ({self.guidance}) needs neg_cond")
         times = flow_times(steps, rescale_t)
@@ -81,6 +106,8 @@ class FlowEulerSampler:
         out = SamplerOutput(samples=None)
         for i in range(steps):
             t, t_next = float(times[i]), float(times[i + 1])
+            if known is not None:
+                x = known.hold(x, known.noised(t, self.sigma_min))
             v = self.velocity(model, x, t, cond, neg_cond, cfg_strength, cfg_interval, **model_kwargs)
             x_values = _values(x)
             if keep_history:
@@ -91,7 +118,7 @@ class FlowEulerSampler:
                 out.pred_x_t.append(x)
             if progress is not None:
                 progress(i + 1, steps)
-        out.samples = x
+        out.samples = x if known is None else known.hold(x, known.clean)
         return out
 
 
