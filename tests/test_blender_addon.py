@@ -245,25 +245,38 @@ class RecordingLayout:
     column = row = box
 
 
+def drawn_after_probes(draw, *args) -> RecordingLayout:
+    """Draws once (which starts the background probes of what is on disk), waits for the probes, and
+    returns what a second draw shows."""
+    draw(RecordingLayout(), *args)
+    preferences.WEIGHTS_STATUS.wait()
+    preferences.RUNTIME.wait()
+    layout = RecordingLayout()
+    draw(layout, *args)
+    return layout
+
+
 def test_panel_says_when_weights_are_missing(scene, tmp_path, tiny_pipeline):
     from ss4d_blender.blender import panels
 
     saved = preferences.HEADLESS.pipeline
     try:
         preferences.HEADLESS.pipeline = str(tmp_path)            # a folder without pipeline.json
-        layout = RecordingLayout()
-        panels._draw_run(layout, bpy.context)
+        layout = drawn_after_probes(panels._draw_run, bpy.context)
         assert ("Weights not on disk: Preferences > Add-ons > SS4D > Download Weights", "ERROR") in layout.labels
         assert ("SS4D: local folder has no pipeline.json", "NONE") in layout.labels
         assert "ss4d.generate" in layout.operators
         preferences.HEADLESS.pipeline = str(tiny_pipeline)
-        layout = RecordingLayout()
-        panels._draw_run(layout, bpy.context)
+        layout = drawn_after_probes(panels._draw_run, bpy.context)
         assert not any("Weights not on disk" in text for text, _ in layout.labels)
         # the preferences list every source with its state
         fake = SimpleNamespace(**{**vars(preferences.HEADLESS), "python": "", "status": ""}, layout=RecordingLayout())
         fake.mesh_decoder = "none"
-        preferences.SS4D_AddonPreferences.draw(fake, bpy.context)
+
+        def draw_preferences(layout, context):
+            fake.layout = layout
+            preferences.SS4D_AddonPreferences.draw(fake, context)
+        drawn_after_probes(draw_preferences, bpy.context)
         assert ("SS4D: local folder ready", "CHECKMARK") in fake.layout.labels
         assert ("Mesh decoder: none (meshes from the Gaussians)", "CHECKMARK") in fake.layout.labels
         assert "ss4d.download_weights" in fake.layout.operators
@@ -303,6 +316,86 @@ def test_panel_draws_in_every_state(scene, shared_dir, tiny_pipeline):
     assert "ss4d.rebuild_mesh" in layout.operators
     assert any(text.startswith("2 frames, seed") for text, _ in layout.labels)
     assert ("Random-weight test pipeline: the shape is noise.", "ERROR") in layout.labels
+
+
+def test_drawing_never_waits_for_the_runtime_or_the_disk(scene, tmp_path, monkeypatch):
+    """Drawing the preferences and the panel only reads stored state: finding the runtime (a subprocess that
+    imports torch, up to 120 s) and looking at the weights on disk happen on background threads, and the
+    next draw shows their answers."""
+    from ss4d_blender import runtime_env
+    from ss4d_blender.blender import panels
+    from ss4d_blender.engine import hub
+
+    calls = []
+
+    def slow(kind, answer):
+        def probe(*args, **kwargs):
+            calls.append((kind, threading.current_thread()))
+            time.sleep(1.0)
+            return answer
+        return probe
+    monkeypatch.setattr(runtime_env, "find_runtime_python", slow("runtime", None))
+    monkeypatch.setattr(hub, "weights_status", slow("weights", [(False, "SS4D: not on disk (probed)")]))
+    monkeypatch.setattr(preferences.HEADLESS, "pipeline", str(tmp_path / "weights"))   # keys never asked before
+    fake = SimpleNamespace(**{**vars(preferences.HEADLESS), "python": str(tmp_path / "python"), "status": ""},
+                           layout=RecordingLayout())
+    started = time.monotonic()
+    preferences.SS4D_AddonPreferences.draw(fake, bpy.context)
+    panel = RecordingLayout()
+    panels._draw_run(panel, bpy.context)
+    assert time.monotonic() - started < 0.5
+    assert ("Looking for the runtime...", "TIME") in fake.layout.labels
+    assert ("Looking for the weights...", "TIME") in fake.layout.labels
+    assert "ss4d.generate" in panel.operators
+    preferences.RUNTIME.wait()
+    preferences.WEIGHTS_STATUS.wait()
+    assert {kind for kind, _ in calls} == {"runtime", "weights"}
+    assert threading.main_thread() not in {thread for _, thread in calls}
+    fake.layout = RecordingLayout()
+    preferences.SS4D_AddonPreferences.draw(fake, bpy.context)
+    assert ("Not installed yet", "ERROR") in fake.layout.labels
+    assert ("SS4D: not on disk (probed)", "ERROR") in fake.layout.labels
+    panel = RecordingLayout()
+    panels._draw_run(panel, bpy.context)
+    assert ("SS4D: not on disk (probed)", "NONE") in panel.labels
+    assert len(calls) == 2   # one question each: the answers are kept for the next draws (and shared by both)
+
+
+def test_panel_names_a_refused_strip_in_full(scene, tmp_path):
+    """A strip the panel refuses keeps its whole name in the message: a strip named like a file is not cut
+    at its first '.' (which once showed "The active strip 'music.")."""
+    import wave
+
+    with wave.open(str(tmp_path / "music.wav"), "wb") as sound:
+        sound.setnchannels(1)
+        sound.setsampwidth(2)
+        sound.setframerate(8000)
+        sound.writeframes(bytes(8000))
+    editor = scene.sequence_editor_create()
+    editor.active_strip = editor.strips.new_sound("music.wav", str(tmp_path / "music.wav"), channel=1, frame_start=1)
+    errors = [text for text, icon in draw_panel(bpy.context).labels if icon == "ERROR"]
+    assert len(errors) == 1 and "'music.wav' is a sound strip" in errors[0], errors
+
+
+def test_panel_shows_the_engine_errors_and_nothing_else(scene, monkeypatch):
+    """Only SS4DError messages are meant for the artist; a bug elsewhere is not turned into a label."""
+    from ss4d_blender.blender import frames
+
+    def broken(scene):
+        raise AttributeError("'NoneType' object has no attribute 'strips'")
+    monkeypatch.setattr(frames, "active_strip", broken)
+    with pytest.raises(AttributeError):
+        draw_panel(bpy.context)
+
+
+def test_labels_show_a_message_up_to_its_first_full_stop():
+    from ss4d_blender.blender.panels import first_sentence
+
+    assert first_sentence("No strip selected. In the Video Sequencer, click the strip.") == "No strip selected."
+    assert first_sentence("The strip 'music.wav' is a sound strip. Select a movie.") == \
+        "The strip 'music.wav' is a sound strip."
+    assert first_sentence("Version 1.5 of clip.mp4 failed!  Try again.") == "Version 1.5 of clip.mp4 failed!"
+    assert first_sentence("No full stop at all") == "No full stop at all"
 
 
 def test_without_online_access_nothing_touches_the_network(scene):
@@ -349,7 +442,7 @@ def test_cancel_during_generation_leaves_file_unchanged(scene, shared_dir):
     def cancel_when_running():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            client = operators._active["client"]
+            client = operators.ACTIVE.client
             if client is not None and client.snapshot().stage not in ("Starting",):
                 operators.request_cancel()
                 return
@@ -358,7 +451,7 @@ def test_cancel_during_generation_leaves_file_unchanged(scene, shared_dir):
     assert bpy.ops.ss4d.generate(synchronous=True) == {"CANCELLED"}
     assert scene.ss4d.last_message == "Cancelled."
     assert data_snapshot() == before
-    assert operators._active["client"] is None
+    assert operators.ACTIVE.client is None
 
 
 def test_rebuild_mesh_reuses_the_result(scene, shared_dir, monkeypatch):

@@ -2,20 +2,31 @@
 from __future__ import annotations
 
 import json
+import re
 
 import bpy
 
+from ..engine.errors import SS4DError
 from ..engine.types import frame_list
 from . import frames as frame_source
 from . import preferences
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def first_sentence(message: str) -> str:
+    """The first sentence of a message, for a one-line label: it ends at a full stop followed by a space
+    (a file name such as 'music.wav' does not end it)."""
+    return _SENTENCE_END.split(message.strip(), maxsplit=1)[0]
 
 
 def _draw_source(layout, context):
     scene = context.scene
     try:
         strip = frame_source.active_strip(scene)
-    except Exception as err:  # noqa: BLE001 - the message is what the artist needs
-        layout.label(text=str(err).split(".")[0] + ".", icon="ERROR")
+    except SS4DError as err:
+        layout.label(text=first_sentence(str(err)), icon="ERROR")
         return False
     start, end = frame_source.strip_range(strip)
     layout.label(text=f"{strip.name}  ({strip.type.lower()}, frames {start}-{end})", icon="SEQUENCE")
@@ -58,7 +69,8 @@ def _draw_run(layout, context):
         layout.progress(factor=s.progress, type="BAR", text=f"{s.stage} {s.progress:.0%}")
         layout.operator("ss4d.cancel", icon="CANCEL")
     else:
-        missing = [line for ready, line in preferences.weights_status(preferences.get(context)) if not ready]
+        status = preferences.weights_status(preferences.get(context)) or []
+        missing = [line for ready, line in status if not ready]
         if missing:
             layout.label(text="Weights not on disk: Preferences > Add-ons > SS4D > Download Weights", icon="ERROR")
             for line in missing:

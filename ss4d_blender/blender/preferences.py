@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import bpy
 from bpy.props import EnumProperty, StringProperty
@@ -19,16 +20,95 @@ ADDON_ID = __package__.rsplit(".", 1)[0]
 
 # Blender needs the strings of dynamic enum items kept alive by Python: the items live here.
 _DEVICE_ITEMS: list = []
-# CUDA devices as the runtime's PyTorch numbers them, asked once in the background (None: not known yet)
-_cuda_names: dict = {"names": None, "probing": False, "asked_at": -1e9}
 
 
-def _probe_cuda(preferred_python: str, runtime_dir: Path) -> None:
-    """Background thread (never touches bpy): finds the runtime and asks its PyTorch for the devices."""
-    python = runtime_env.find_runtime_python(preferred_python, runtime_dir)
-    names = runtime_env.cuda_device_names(python) if python is not None else None
-    _cuda_names["names"] = names  # None (no runtime yet): asked again once one is installed
-    _cuda_names["probing"] = False
+class BackgroundValue:
+    """Something slow to find out (a subprocess, files on disk), found on a thread and kept per key, so that
+    draw functions only read stored state. `get(key)` returns what is known (None until the first answer)
+    and asks again on a thread when nothing is known or the answer is older than `refresh_after(answer)`
+    seconds. `compute(*key)` runs on that thread: plain data in and out, never bpy."""
+
+    RETRY_SECONDS = 30.0     # after a question that failed
+
+    def __init__(self, compute: Callable, refresh_after: Callable[[object], float]):
+        self._compute, self._refresh_after = compute, refresh_after
+        self._lock = threading.Lock()
+        self._answers: dict = {}       # key -> (answer, time.monotonic() when found)
+        self._threads: dict = {}       # key -> the thread asking
+
+    def get(self, key):
+        with self._lock:
+            answer, found_at = self._answers.get(key, (None, None))
+            max_age = self._refresh_after(answer) if answer is not None else self.RETRY_SECONDS
+            stale = found_at is None or time.monotonic() - found_at > max_age
+            asking = key in self._threads and self._threads[key].is_alive()
+            if stale and not asking:
+                thread = threading.Thread(target=self._ask, args=(key,), daemon=True)
+                self._threads[key] = thread
+                thread.start()
+                _redraw_when_done(thread)
+            return answer
+
+    def _ask(self, key) -> None:
+        try:
+            answer = self._compute(*key)
+        except Exception:  # noqa: BLE001 - a question that fails is asked again later; the UI shows what it knows
+            answer = None
+        with self._lock:
+            self._answers[key] = (answer, time.monotonic())
+            self._threads.pop(key, None)
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Waits for the questions under way (tests, and before reading an answer right after `get`)."""
+        with self._lock:
+            threads = list(self._threads.values())
+        for thread in threads:
+            thread.join(timeout)
+
+    def forget(self) -> None:
+        """Marks every answer as stale (kept until the new one arrives): after a download or an install."""
+        with self._lock:
+            self._answers = {key: (answer, float("-inf")) for key, (answer, _) in self._answers.items()}
+
+
+def _redraw_when_done(thread: threading.Thread) -> None:
+    """Redraws Blender's windows once `thread` ended (a timer on the main thread; never fires headless)."""
+    def check():
+        if thread.is_alive():
+            return 0.25
+        for window in getattr(bpy.context.window_manager, "windows", []):
+            for area in window.screen.areas:
+                area.tag_redraw()
+        return None
+    if not bpy.app.background:
+        bpy.app.timers.register(check, first_interval=0.25)
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    python: Optional[str]                 # the interpreter the worker runs with; None: no runtime yet
+    cuda_names: Optional[tuple] = None    # CUDA devices as its PyTorch numbers them; None: not known
+
+
+def _find_runtime(preferred_python: str, runtime_dir: str) -> RuntimeInfo:
+    """Finds the runtime and asks its PyTorch for the CUDA devices (subprocesses: on a thread only)."""
+    python = runtime_env.find_runtime_python(preferred_python, Path(runtime_dir))
+    if python is None:
+        return RuntimeInfo(None)
+    names = runtime_env.cuda_device_names(python) if sys.platform != "darwin" else None
+    return RuntimeInfo(python, tuple(names) if names is not None else None)
+
+
+# the runtime, asked again every 30 s while none is installed
+RUNTIME = BackgroundValue(_find_runtime, lambda info: 30.0 if info.python is None else float("inf"))
+# whether each weights source is on disk, looked at again every 10 s while one is missing, else every minute
+WEIGHTS_STATUS = BackgroundValue(
+    lambda *source: hub.weights_status(*source), lambda lines: 60.0 if all(ready for ready, _ in lines) else 10.0)
+
+
+def runtime_info(prefs) -> Optional[RuntimeInfo]:
+    """What is known about the runtime of these preferences (None: not known yet)."""
+    return RUNTIME.get((prefs.python, str(runtime_directory())))
 
 
 def device_items(cuda_names, platform: str = sys.platform) -> list:
@@ -47,12 +127,8 @@ def device_items(cuda_names, platform: str = sys.platform) -> list:
 
 
 def _devices(self, context):
-    if (_cuda_names["names"] is None and not _cuda_names["probing"] and sys.platform != "darwin"
-            and time.monotonic() - _cuda_names["asked_at"] > 30.0):   # no runtime yet: ask again later
-        _cuda_names["probing"], _cuda_names["asked_at"] = True, time.monotonic()
-        threading.Thread(target=_probe_cuda, args=(getattr(self, "python", ""), runtime_directory()),
-                         daemon=True).start()
-    _DEVICE_ITEMS[:] = device_items(_cuda_names["names"])
+    info = runtime_info(self)
+    _DEVICE_ITEMS[:] = device_items(info.cuda_names if info is not None else None)
     return _DEVICE_ITEMS
 
 
@@ -74,7 +150,7 @@ class HeadlessPreferences:
 
     device: str = "auto"
     precision: str = "auto"
-    pipeline: str = "lizb6626/SS4D"
+    pipeline: str = hub.SS4D_REPO
     revision: str = ""
     mesh_decoder: str = "auto"
     cache_dir: str = ""
@@ -102,9 +178,10 @@ def online_access(context=None) -> bool:
     return prefs.online_access if prefs is HEADLESS else bool(bpy.app.online_access)
 
 
-def weights_status(prefs) -> list[tuple[bool, str]]:
-    """Whether each weights source generation needs is on disk: [(ready, line)] (files only, no network)."""
-    return hub.weights_status(prefs.pipeline, prefs.revision, prefs.mesh_decoder, prefs.cache_dir)
+def weights_status(prefs) -> Optional[list[tuple[bool, str]]]:
+    """Whether each weights source generation needs is on disk: [(ready, line)], as last looked at on a
+    thread (files only, no network); None until known."""
+    return WEIGHTS_STATUS.get((prefs.pipeline, prefs.revision, prefs.mesh_decoder, prefs.cache_dir))
 
 
 class SS4D_AddonPreferences(bpy.types.AddonPreferences):
@@ -114,7 +191,7 @@ class SS4D_AddonPreferences(bpy.types.AddonPreferences):
     precision: EnumProperty(name="Precision", default="auto", items=[
         ("auto", "Auto", "fp16 on GPUs (as the reference runs), fp32 on the CPU"), ("fp32", "fp32", ""),
         ("fp16", "fp16", ""), ("bf16", "bf16", "Wider range, less precise than fp16")])
-    pipeline: StringProperty(name="SS4D Weights", default="lizb6626/SS4D",
+    pipeline: StringProperty(name="SS4D Weights", default=hub.SS4D_REPO,
                              description="Hugging Face repository id, or a local folder in the official layout")
     revision: StringProperty(name="Revision", default="", description="Commit or branch to pin (empty = default)")
     mesh_decoder: StringProperty(name="Mesh Decoder", default="auto",
@@ -139,7 +216,10 @@ class SS4D_AddonPreferences(bpy.types.AddonPreferences):
         box.prop(self, "revision")
         box.prop(self, "mesh_decoder")
         box.prop(self, "cache_dir")
-        for ready, line in weights_status(self):
+        status = weights_status(self)
+        if status is None:
+            box.label(text="Looking for the weights...", icon="TIME")
+        for ready, line in status or []:
             box.label(text=line, icon="CHECKMARK" if ready else "ERROR")
         row = box.row()
         row.operator("ss4d.download_weights", icon="IMPORT")
@@ -147,8 +227,13 @@ class SS4D_AddonPreferences(bpy.types.AddonPreferences):
             box.label(text="Online access is disabled in Blender's preferences: use a local folder.", icon="INFO")
         box = layout.box()
         box.label(text="Runtime (PyTorch)")
-        python = runtime_env.find_runtime_python(self.python, runtime_directory())
-        box.label(text=f"Using: {python}" if python else "Not installed yet", icon="CHECKMARK" if python else "ERROR")
+        info = runtime_info(self)
+        if info is None:
+            box.label(text="Looking for the runtime...", icon="TIME")
+        elif info.python:
+            box.label(text=f"Using: {info.python}", icon="CHECKMARK")
+        else:
+            box.label(text="Not installed yet", icon="ERROR")
         box.prop(self, "runtime_flavour")
         box.prop(self, "python")
         box.operator("ss4d.install_runtime", icon="CONSOLE")

@@ -1,0 +1,265 @@
+"""The jobs behind the operators, without operator or UI code: prepare in Blender, run in the worker, finish
+back in Blender.
+
+`generate_job` reads the active strip's frames and mattes them (fast, needs bpy); `rebuild_job` points at the
+saved result of an SS4D object, whose mesh the `animate` stage builds again. Either way the worker process
+(`engine.worker`, its own Python with PyTorch) does the heavy part, and `Job.finish` builds or replaces the
+object from its output and places the result file next to the .blend. The download and install tasks of the
+preferences are here too: plain functions that run on a thread, never touch bpy, and report through a
+`TaskStatus`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import bpy
+import numpy as np
+
+from .. import runtime_env
+from ..engine.errors import InputError, SS4DError
+from ..engine.matting import alpha_from_source, chroma_key
+from ..engine.worker import WorkerClient
+from . import frames as frame_source
+from . import preferences, scene_build
+
+OFFLINE_MESSAGE = ("Online access is disabled in Blender (Preferences > System > Network > Allow Online Access). "
+                   "Allow it to download the weights, or set 'SS4D Weights' to a local folder.")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+def weights_settings(prefs) -> dict:
+    """Where the weights come from, as the user set it in the preferences (an add-on preferences object,
+    `preferences.HEADLESS` or a plain dict of its fields). The engine's settings class turns the user's
+    spellings ("" for the default, "none" for no mesh decoder) into its own values."""
+    get = prefs.get if isinstance(prefs, dict) else (lambda name, default="": getattr(prefs, name, default))
+    cache_dir = get("cache_dir", "")
+    return {"pipeline": get("pipeline", ""), "revision": get("revision", ""), "mesh_decoder": get("mesh_decoder", ""),
+            "cache_dir": bpy.path.abspath(cache_dir) if cache_dir else ""}
+
+
+def engine_settings(context) -> dict:
+    """The generation settings the user chose (preferences and the scene's SS4D panel), for
+    `GenerateSettings.from_user`: values as the user spells them, the engine's defaults stay in the engine."""
+    p, s = preferences.get(context), context.scene.ss4d
+    return {**weights_settings(p), "seed": s.seed, "steps": s.steps, "cfg": s.guidance, "device": p.device,
+            "precision": p.precision}
+
+
+def animate_settings(context, scene_frames: list[int]) -> dict:
+    """Arguments of the `animate` stage. The reference is a timeline frame in the UI, the nearest generated
+    frame's index for the engine; the device is the preferences' (registration maps MPS to the CPU)."""
+    s = context.scene.ss4d
+    reference = None
+    if not s.auto_reference:
+        reference = min(range(len(scene_frames)), key=lambda i: abs(scene_frames[i] - s.reference_frame))
+    return {"target_vertices": s.target_vertices, "reference_frame": reference, "temporal_smoothing": s.smoothing,
+            "device": preferences.get(context).device}
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+
+def runtime_python(context) -> str:
+    p = preferences.get(context)
+    python = runtime_env.find_runtime_python(p.python, preferences.runtime_directory())
+    if python is None:
+        raise SS4DError("The PyTorch runtime is not installed. Open Preferences > Add-ons > SS4D and click "
+                        "'Install Runtime' (or set 'Runtime Python' to a Python with PyTorch).")
+    return python
+
+
+def worker_environment(context) -> dict:
+    """The worker's environment: Blender's, plus HF_HUB_OFFLINE=1 when online access is not allowed, so
+    the engine never touches the network then (missing weights become a clear 'offline' error)."""
+    environment = dict(os.environ)
+    if not preferences.online_access(context):
+        environment["HF_HUB_OFFLINE"] = "1"
+    return environment
+
+
+def result_destination(obj_name: str) -> Path:
+    """Where the engine result file of an object is kept: next to the .blend when it is saved."""
+    name = bpy.path.clean_name(obj_name)
+    if bpy.data.filepath:
+        blend = Path(bpy.data.filepath)
+        return blend.parent / f"{blend.stem}_{name}_ss4d.safetensors"
+    return preferences.user_directory() / "results" / f"{name}_{int(time.time())}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+class Job:
+    """One run: prepared in Blender, executed by the worker, finished back in Blender.
+
+    kind: "generate" (a new object) or "animate" (the mesh of `target_object` rebuilt from its result).
+    request: the worker's job.json; job_dir: its folder (removed by `cleanup`)."""
+
+    def __init__(self, context, kind: str, request: dict, job_dir: Path, scene_frames: list[int], strip_name: str,
+                 target_object=None):
+        self.kind, self.request, self.job_dir = kind, request, job_dir
+        self.scene_frames, self.strip_name, self.target_object = scene_frames, strip_name, target_object
+        self.height = context.scene.ss4d.height
+        self.collection = context.scene.ss4d.collection
+
+    def start(self, python: str, environment: Optional[dict] = None) -> WorkerClient:
+        return WorkerClient(python, self.job_dir, self.request, env=environment)
+
+    def finish(self, context, done: dict):
+        """Builds (or rebuilds) the object from the worker's output (`done`, its last message). Returns it."""
+        data = np.load(done["animation"])
+        colors = data["colors"] if len(data["colors"]) else None
+        reference = int(data["reference_frame"])
+        # how well the mesh follows each frame, on the timeline's frame numbers (a rebuild replaces them)
+        quality = {"ss4d_fit_error": [float(x) for x in data["fit_error"]],
+                   "ss4d_bad_frames": [int(self.scene_frames[i]) for i in data["bad_frames"]]}
+        if self.kind == "animate":
+            return scene_build.replace_animation(self.target_object, data["faces"], data["vertices"], colors,
+                                                 self.scene_frames, reference, self.height, quality)
+        name = f"SS4D_{self.strip_name}" if self.strip_name else "SS4D"
+        settings = done.get("settings", {})
+        props = {"ss4d_settings": settings, "ss4d_seed": int(settings.get("seed", 0)),
+                 "ss4d_scene_frames": self.scene_frames, "ss4d_strip": self.strip_name,
+                 "ss4d_random_weights": bool(done.get("is_random_weights", False)), **quality}
+        obj = scene_build.build_animated_object(context, name, data["faces"], data["vertices"], colors,
+                                                self.scene_frames, reference, self.height, self.collection, props)
+        _select_only(context, obj)
+        _keep_result_file(obj, Path(done["result"]))
+        return obj
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.job_dir, ignore_errors=True)
+
+
+def _select_only(context, obj) -> None:
+    """Like anything Blender adds: the new object is selected and active."""
+    for other in context.selected_objects:
+        other.select_set(False)
+    try:
+        obj.select_set(True)
+        context.view_layer.objects.active = obj
+    except RuntimeError:                                # its collection is excluded from the view layer
+        pass
+
+
+def _keep_result_file(obj, result: Path) -> None:
+    """Copies the worker's result next to the .blend and records it on the object (for Rebuild Mesh)."""
+    destination = result_destination(obj.name)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result, destination)
+    obj["ss4d_result_file"] = bpy.path.relpath(str(destination)) if bpy.data.filepath else str(destination)
+
+
+def _matted_frames(scene, strip, scene_frames: list[int]) -> np.ndarray:
+    """The strip's frames as Blender shows them, with the panel's matting: uint8 [T, H, W, 4]."""
+    settings = scene.ss4d
+    rgba = frame_source.extract_frames(scene, strip, scene_frames)
+    if settings.matting == "CHROMA":
+        return chroma_key(rgba, tuple(settings.key_color), settings.tolerance, settings.softness)
+    return alpha_from_source(rgba)
+
+
+def generate_job(context) -> Job:
+    """A job generating a new object from the active strip, over the panel's frame range. Nothing is left
+    behind when reading the frames fails."""
+    scene = context.scene
+    settings = scene.ss4d
+    strip = frame_source.active_strip(scene)
+    start, end = frame_source.strip_range(strip)
+    if not settings.use_strip_range:
+        start, end = max(start, settings.frame_start), min(end, settings.frame_end)
+    scene_frames = frame_source.pick_frames(start, end, settings.num_frames)
+    rgba = _matted_frames(scene, strip, scene_frames)
+    job_dir = Path(tempfile.mkdtemp(prefix="ss4d_job_"))
+    try:
+        np.savez(job_dir / "frames.npz", frames=rgba)
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    request = {"kind": "generate", "frames": "frames.npz", "settings": engine_settings(context),
+               "animate": animate_settings(context, scene_frames)}
+    return Job(context, "generate", request, job_dir, scene_frames, strip.name)
+
+
+def rebuild_job(context, obj) -> Job:
+    """A job running the `animate` stage again on the saved result of `obj`, with the panel's settings."""
+    result_file = Path(bpy.path.abspath(obj.get("ss4d_result_file", "")))
+    if not result_file.is_file():
+        raise InputError(f"The generation result of '{obj.name}' was not found ({result_file}). "
+                         f"Rebuilding needs the .safetensors file saved next to the .blend.")
+    scene_frames = json.loads(obj["ss4d_scene_frames"])
+    request = {"kind": "animate", "result": str(result_file), "animate": animate_settings(context, scene_frames)}
+    job_dir = Path(tempfile.mkdtemp(prefix="ss4d_job_"))
+    return Job(context, "animate", request, job_dir, scene_frames, obj.get("ss4d_strip", ""), target_object=obj)
+
+
+# ---------------------------------------------------------------------------------------------- background tasks
+
+class TaskStatus:
+    """The state of a background task, written by its thread and read by the operator's timer (lock-guarded)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._text, self._error = "", None
+
+    def set(self, text: str) -> None:
+        with self._lock:
+            self._text = text
+
+    def fail(self, error: str) -> None:
+        with self._lock:
+            self._error = error
+
+    @property
+    def text(self) -> str:
+        with self._lock:
+            return self._text
+
+    @property
+    def error(self) -> Optional[str]:
+        with self._lock:
+            return self._error
+
+
+def task_snapshot(context) -> dict:
+    """What a background task needs from Blender, read on the main thread before the task starts."""
+    prefs = preferences.get(context)
+    return {"weights": weights_settings(prefs), "python": prefs.python, "runtime_flavour": prefs.runtime_flavour,
+            "runtime_dir": preferences.runtime_directory(), "environment": worker_environment(context)}
+
+
+def download_weights(task: dict, status: TaskStatus, stop: threading.Event) -> None:
+    """Downloads every file generation needs into the cache, through the worker (thread; never touches bpy)."""
+    python = runtime_env.find_runtime_python(task["python"], task["runtime_dir"])
+    if python is None:
+        raise SS4DError("Install the runtime first (button below).")
+    job_dir = Path(tempfile.mkdtemp(prefix="ss4d_download_"))
+    try:
+        client = WorkerClient(python, job_dir, {"kind": "download", "settings": task["weights"]},
+                              env=task["environment"])
+        while not client.snapshot().finished:
+            if stop.is_set():
+                client.cancel(grace_seconds=1.0)
+            state = client.snapshot()
+            status.set(f"{state.stage} ({state.fraction:.0%})")
+            client.wait(0.2)
+        state = client.snapshot()
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+    if state.error:
+        raise SS4DError(state.error)
+    status.set("Weights are downloaded and ready.")
+
+
+def install_runtime(task: dict, status: TaskStatus, stop: threading.Event) -> None:
+    """Creates the add-on's own Python environment with PyTorch (thread; never touches bpy)."""
+    runtime_dir = Path(task["runtime_dir"])
+    runtime_env.install_runtime(runtime_dir, flavour=task["runtime_flavour"], progress=status.set,
+                                log_path=runtime_dir.parent / "runtime-install.log", should_stop=stop.is_set)
+    status.set("Runtime installed.")
