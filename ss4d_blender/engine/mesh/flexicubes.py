@@ -38,6 +38,8 @@ CORNER_OFFSETS = [[(k >> axis) & 1 for axis in range(3)] for k in range(8)]
 #: the twelve cube edges as (lower corner, upper corner) in the numbering of the DMC tables
 CUBE_EDGES = [(0, 1), (1, 5), (4, 5), (0, 4), (2, 3), (3, 7),
               (6, 7), (2, 6), (0, 2), (1, 3), (5, 7), (4, 6)]
+EDGE_LO = [lo for lo, _ in CUBE_EDGES]
+EDGE_HI = [hi for _, hi in CUBE_EDGES]
 
 #: the order in which the four cubes around a crossed edge are joined into a quad.
 #: Cubes around an edge along ``axis`` are numbered by their slot (see ``_edge_slot``);
@@ -195,57 +197,90 @@ def flexicubes_extract(grid_vertices: torch.Tensor, scalar_field: torch.Tensor,
         return None if w is None else w.to(device)[crossed]
     beta, alpha, gamma = normalize_weights(pick(beta), pick(alpha), pick(gamma), crossed.numel(), dtype, device)
     corners = cube_corners[crossed]                                       # [S, 8]
-    corner_inside = corner_inside[crossed]
     tables = _tables(device)
+    attrs = None if vertex_attributes is None else vertex_attributes.to(device=device, dtype=dtype)
 
-    # --- topology case of every crossed cube --------------------------------------------------
-    powers = (2 ** torch.arange(8, device=device)).long()
+    case_ids = _cube_cases(corner_inside[crossed], corners, tables)
+    v_lo, v_hi = corners[:, EDGE_LO], corners[:, EDGE_HI]                 # [S, 12] grid vertices of each edge
+    edge_crossed = inside[v_lo] != inside[v_hi]                           # [S, 12]
+    crossing, crossing_attr = _edge_crossings(grid_vertices, scalar_field, attrs, v_lo, v_hi, edge_crossed, alpha)
+    groups, vd_valid, member = _dual_vertex_groups(case_ids, tables)
+    vertices, attributes = _dual_vertices(groups, vd_valid, member, beta, crossing, crossing_attr)
+    edge_owner = _edge_owners(groups, vd_valid, member)
+    vd_gamma = gamma[:, None].expand(-1, 4)[vd_valid]                     # [M]
+    quads = _quads(edge_crossed, v_lo, v_hi, inside, edge_owner)
+    return FlexiCubesResult(vertices, _split_quads(quads, vd_gamma), attributes)
+
+
+
+def _cube_cases(corner_inside: torch.Tensor, corners: torch.Tensor, tables: dict) -> torch.Tensor:
+    """Topology case of every crossed cube: corner_inside bool [S, 8] -> case id [S] in 0..255, ambiguous
+    cases resolved against their neighbours."""
+    powers = (2 ** torch.arange(8, device=corners.device)).long()
     case_ids = (corner_inside.long() * powers).sum(1)
-    case_ids = _resolve_ambiguous_cases(case_ids, corners, tables["check"])
+    return _resolve_ambiguous_cases(case_ids, corners, tables["check"])
 
-    # --- crossing point of every cube edge (alpha-weighted linear zero) -------------------------
-    edge_lo = torch.tensor([e[0] for e in CUBE_EDGES], device=device)
-    edge_hi = torch.tensor([e[1] for e in CUBE_EDGES], device=device)
-    v_lo, v_hi = corners[:, edge_lo], corners[:, edge_hi]                 # [S, 12]
+
+def _edge_crossings(grid_vertices, scalar_field, attrs, v_lo, v_hi, edge_crossed, alpha):
+    """Crossing point of every cube edge: the zero of the alpha-weighted linear field along it.
+    Returns positions [S, 12, 3] and, with `attrs` [V, K], the attributes there [S, 12, K] (else None)."""
+    device = v_lo.device
+    edge_lo = torch.tensor(EDGE_LO, device=device)
+    edge_hi = torch.tensor(EDGE_HI, device=device)
     s_lo = scalar_field[v_lo] * alpha[:, edge_lo]
     s_hi = scalar_field[v_hi] * alpha[:, edge_hi]
-    edge_crossed = inside[v_lo] != inside[v_hi]                           # [S, 12]
     denom = torch.where(edge_crossed, s_hi - s_lo, torch.ones_like(s_hi))
     t_lo = (s_hi / denom).unsqueeze(-1)                                   # weight of the lower end
     t_hi = (-s_lo / denom).unsqueeze(-1)
     crossing = grid_vertices[v_lo] * t_lo + grid_vertices[v_hi] * t_hi    # [S, 12, 3]
-    if vertex_attributes is not None:
-        attrs = vertex_attributes.to(device=device, dtype=dtype)
-        crossing_attr = attrs[v_lo] * t_lo + attrs[v_hi] * t_hi           # [S, 12, K]
+    crossing_attr = None if attrs is None else attrs[v_lo] * t_lo + attrs[v_hi] * t_hi
+    return crossing, crossing_attr
 
-    # --- dual vertices: beta-weighted means of their edges' crossings --------------------------
+
+def _dual_vertex_groups(case_ids: torch.Tensor, tables: dict):
+    """Which cube edges make each of a cube's (up to four) dual vertices, from the DMC table.
+    Returns groups [S, 4, 7] (edge ids, -1 = none), vd_valid bool [S, 4] (the cube has that dual vertex)
+    and member bool [S, 4, 7] (a real edge of a real dual vertex)."""
     groups = tables["dmc"][case_ids]                                      # [S, 4, 7] edge ids or -1
     num_vd = tables["num_vd"][case_ids]                                   # [S]
-    vd_valid = torch.arange(4, device=device)[None, :] < num_vd[:, None]  # [S, 4]
+    vd_valid = torch.arange(4, device=case_ids.device)[None, :] < num_vd[:, None]   # [S, 4]
     member = (groups >= 0) & vd_valid[:, :, None]                         # [S, 4, 7]
-    safe_groups = groups.clamp(min=0)
-    S = corners.shape[0]
-    flat = safe_groups.reshape(S, -1)                                     # [S, 28]
+    return groups, vd_valid, member
+
+
+def _dual_vertices(groups, vd_valid, member, beta, crossing, crossing_attr):
+    """Dual vertices: the beta-weighted means of their edges' crossings. Returns vertices [M, 3] (cube-major)
+    and their attributes [M, K] (None without `crossing_attr`)."""
+    S = groups.shape[0]
+    flat = groups.clamp(min=0).reshape(S, -1)                             # [S, 28]
     w = beta.gather(1, flat).reshape(S, 4, 7) * member                    # [S, 4, 7]
     w_sum = w.sum(2)                                                      # [S, 4]
     pts = crossing.gather(1, flat[..., None].expand(-1, -1, 3)).reshape(S, 4, 7, 3)
     vd_pos = (pts * w[..., None]).sum(2) / w_sum.clamp(min=1e-30)[..., None]   # [S, 4, 3]
     vertices = vd_pos[vd_valid]                                           # [M, 3], cube-major
-    attributes = None
-    if vertex_attributes is not None:
-        a = crossing_attr.gather(1, flat[..., None].expand(-1, -1, num_attr)).reshape(S, 4, 7, num_attr)
-        attributes = ((a * w[..., None]).sum(2) / w_sum.clamp(min=1e-30)[..., None])[vd_valid]
+    if crossing_attr is None:
+        return vertices, None
+    num_attr = crossing_attr.shape[-1]
+    a = crossing_attr.gather(1, flat[..., None].expand(-1, -1, num_attr)).reshape(S, 4, 7, num_attr)
+    return vertices, ((a * w[..., None]).sum(2) / w_sum.clamp(min=1e-30)[..., None])[vd_valid]
 
-    # index of the dual vertex that owns each (cube, edge)
+
+def _edge_owners(groups, vd_valid, member) -> torch.Tensor:
+    """Index of the dual vertex that owns each (cube, edge): [S, 12], -1 for edges of no dual vertex."""
+    S, device = groups.shape[0], groups.device
     vd_index = torch.full((S, 4), -1, dtype=torch.long, device=device)
     vd_index[vd_valid] = torch.arange(int(vd_valid.sum()), device=device)
     edge_owner = torch.full((S, 12), -1, dtype=torch.long, device=device)
     owner_of_member = vd_index[:, :, None].expand(-1, -1, 7)
     cube_of_member = torch.arange(S, device=device)[:, None, None].expand(-1, 4, 7)
     edge_owner[cube_of_member[member], groups[member]] = owner_of_member[member]
-    vd_gamma = gamma[:, None].expand(-1, 4)[vd_valid]                     # [M]
+    return edge_owner
 
-    # --- quads around crossed grid edges shared by four crossed cubes --------------------------
+
+def _quads(edge_crossed, v_lo, v_hi, inside, edge_owner) -> torch.Tensor:
+    """One quad of dual vertices [Q, 4] around each crossed grid edge shared by four crossed cubes, its
+    corners ordered so that its normal points to the outside end of the edge."""
+    device = edge_crossed.device
     axis_of_edge = torch.tensor([_edge_axis(e) for e in range(12)], device=device)
     slot_of_edge = torch.tensor([_edge_slot(e) for e in range(12)], device=device)
     cube_idx, local_edge = torch.nonzero(edge_crossed, as_tuple=True)
@@ -267,12 +302,13 @@ def flexicubes_extract(grid_vertices: torch.Tensor, scalar_field: torch.Tensor,
         for outside_hi in (True, False):
             sel = (q_axis == axis) & (q_outside_hi == outside_hi)
             order[sel] = torch.tensor(QUAD_ORDER[axis][outside_hi], device=device)
-    quads = quads.gather(1, order)
+    return quads.gather(1, order)
 
-    # --- split each quad along the diagonal with the larger gamma product ----------------------
+
+def _split_quads(quads: torch.Tensor, vd_gamma: torch.Tensor) -> torch.Tensor:
+    """Each quad [Q, 4] split into two triangles along the diagonal with the larger gamma product: [2Q, 3]."""
     g = vd_gamma[quads]
     along_02 = (g[:, 0] * g[:, 2]) > (g[:, 1] * g[:, 3])
     tri_02 = torch.stack([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]], 1)
     tri_13 = torch.stack([quads[:, [0, 1, 3]], quads[:, [3, 1, 2]]], 1)
-    faces = torch.where(along_02[:, None, None], tri_02, tri_13).reshape(-1, 3)
-    return FlexiCubesResult(vertices, faces, attributes)
+    return torch.where(along_02[:, None, None], tri_02, tri_13).reshape(-1, 3)
