@@ -142,6 +142,69 @@ class SparseResBlock4d(_TemporalResBlock):
 _TEMPORAL_BLOCKS = {"3D_1D": SparseResBlock1d, "3D_4D": SparseResBlock4d}
 
 
+def _check_config(pe_mode, conv_type, share_mod, io_block_channels_t, io_block_channels, patch_size) -> None:
+    """Refuses the configurations the model does not implement."""
+    if pe_mode not in ("ape", "rope_t"):
+        raise ValueError(f"SLatFlow4DModel: pe_mode {pe_mode!r} is not supported (ape, rope_t)")
+    if conv_type not in ("3D_1D", "3D_4D", "non"):
+        raise ValueError(f"SLatFlow4DModel: conv_type {conv_type!r} is not supported (3D_1D, 3D_4D, non)")
+    if share_mod:
+        raise ValueError("SLatFlow4DModel: share_mod=True is not supported")
+    if not io_block_channels_t:
+        raise ValueError("SLatFlow4DModel: io_block_channels_t is required (the torso runs on frame pairs)")
+    if len(io_block_channels_t) != 1:
+        raise ValueError("SLatFlow4DModel: exactly one temporal stage is supported (frames are paired once)")
+    if patch_size != 2 ** len(io_block_channels or []):
+        raise ValueError(f"SLatFlow4DModel: patch_size {patch_size} needs {patch_size.bit_length() - 1} io stages")
+
+
+def _spatial_encoder(io_block_channels: List[int], model_channels: int, num_res_blocks: int) -> nn.ModuleList:
+    """Spatial encoder stages: (n-1) res blocks, then one that pools space and widens."""
+    blocks = nn.ModuleList()
+    for chs, next_chs in zip(io_block_channels, io_block_channels[1:] + [model_channels]):
+        blocks.extend(SparseResBlock3d(chs, model_channels) for _ in range(num_res_blocks - 1))
+        blocks.append(SparseResBlock3d(chs, model_channels, next_chs, resample="down"))
+    return blocks
+
+
+def _temporal_encoder(io_block_channels_t: List[int], model_channels: int, num_res_blocks: int,
+                      conv_type: str) -> nn.ModuleList:
+    """Temporal encoder stages: res blocks over frames then frame-pair pooling (or plain pooling)."""
+    blocks = nn.ModuleList()
+    for chs, next_chs in zip(io_block_channels_t, io_block_channels_t[1:] + [model_channels]):
+        if conv_type == "non":
+            blocks.append(SparseDownsample_t(2))
+            continue
+        block = _TEMPORAL_BLOCKS[conv_type]
+        blocks.extend(block(chs, model_channels) for _ in range(num_res_blocks - 1))
+        blocks.append(block(chs, model_channels, next_chs, resample="down"))
+    return blocks
+
+
+def _temporal_decoder(io_block_channels_t: List[int], model_channels: int, num_res_blocks: int, conv_type: str,
+                      skip: int) -> nn.ModuleList:
+    """Temporal decoder stages: unpool frames (taking the skip), then res blocks."""
+    blocks = nn.ModuleList()
+    for chs, prev_chs in zip(reversed(io_block_channels_t), [model_channels] + io_block_channels_t[:0:-1]):
+        if conv_type == "non":
+            blocks.append(SparseUpsample_t(2))
+            continue
+        block = _TEMPORAL_BLOCKS[conv_type]
+        blocks.append(block(prev_chs * skip, model_channels, chs, resample="up"))
+        blocks.extend(block(chs * skip, model_channels, chs) for _ in range(num_res_blocks - 1))
+    return blocks
+
+
+def _spatial_decoder(io_block_channels: List[int], model_channels: int, num_res_blocks: int,
+                     skip: int) -> nn.ModuleList:
+    """Spatial decoder stages: unpool space (taking the skip), then res blocks."""
+    blocks = nn.ModuleList()
+    for chs, prev_chs in zip(reversed(io_block_channels), [model_channels] + io_block_channels[:0:-1]):
+        blocks.append(SparseResBlock3d(prev_chs * skip, model_channels, chs, resample="up"))
+        blocks.extend(SparseResBlock3d(chs * skip, model_channels, chs) for _ in range(num_res_blocks - 1))
+    return blocks
+
+
 class SLatFlow4DModel(nn.Module):
     """Structured-latent flow transformer over the voxels of all frames of a clip.
 
@@ -200,20 +263,8 @@ class SLatFlow4DModel(nn.Module):
         conv_type: Literal["3D_1D", "3D_4D", "non"] = "3D_1D",
     ):
         super().__init__()
-        if pe_mode not in ("ape", "rope_t"):
-            raise ValueError(f"SLatFlow4DModel: pe_mode {pe_mode!r} is not supported (ape, rope_t)")
-        if conv_type not in ("3D_1D", "3D_4D", "non"):
-            raise ValueError(f"SLatFlow4DModel: conv_type {conv_type!r} is not supported (3D_1D, 3D_4D, non)")
-        if share_mod:
-            raise ValueError("SLatFlow4DModel: share_mod=True is not supported")
-        if not io_block_channels_t:
-            raise ValueError("SLatFlow4DModel: io_block_channels_t is required (the torso runs on frame pairs)")
-        if len(io_block_channels_t) != 1:
-            raise ValueError("SLatFlow4DModel: exactly one temporal stage is supported (frames are paired once)")
+        _check_config(pe_mode, conv_type, share_mod, io_block_channels_t, io_block_channels, patch_size)
         io_block_channels = list(io_block_channels or [])
-        if patch_size != 2 ** len(io_block_channels):
-            raise ValueError(f"SLatFlow4DModel: patch_size {patch_size} needs {patch_size.bit_length() - 1} io stages")
-
         self.resolution = resolution
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -226,27 +277,13 @@ class SLatFlow4DModel(nn.Module):
         self.use_skip_connection = use_skip_connection
         self.conv_type = conv_type
         skip = 2 if use_skip_connection else 1
+        io_width = io_block_channels[0] if io_block_channels else model_channels
 
         self.t_embedder = TimestepEmbedder(model_channels)
         self.pos_embedder = AbsolutePositionEmbedder(model_channels)
-        self.input_layer = nn.Linear(in_channels, io_block_channels[0] if io_block_channels else model_channels)
-
-        # spatial encoder stages: (n-1) res blocks, then one that pools space and widens
-        self.input_blocks = nn.ModuleList()
-        for chs, next_chs in zip(io_block_channels, io_block_channels[1:] + [model_channels]):
-            self.input_blocks.extend(SparseResBlock3d(chs, model_channels) for _ in range(num_io_res_blocks - 1))
-            self.input_blocks.append(SparseResBlock3d(chs, model_channels, next_chs, resample="down"))
-
-        # temporal encoder stages: res blocks over frames then frame-pair pooling (or plain pooling)
-        self.input_blocks_t = nn.ModuleList()
-        for chs, next_chs in zip(io_block_channels_t, io_block_channels_t[1:] + [model_channels]):
-            if conv_type == "non":
-                self.input_blocks_t.append(SparseDownsample_t(2))
-                continue
-            block = _TEMPORAL_BLOCKS[conv_type]
-            self.input_blocks_t.extend(block(chs, model_channels) for _ in range(num_io_res_blocks - 1))
-            self.input_blocks_t.append(block(chs, model_channels, next_chs, resample="down"))
-
+        self.input_layer = nn.Linear(in_channels, io_width)
+        self.input_blocks = _spatial_encoder(io_block_channels, model_channels, num_io_res_blocks)
+        self.input_blocks_t = _temporal_encoder(io_block_channels_t, model_channels, num_io_res_blocks, conv_type)
         self.blocks = nn.ModuleList(
             ModulatedSparseTransformerCross4DBlock(
                 model_channels,
@@ -261,24 +298,9 @@ class SLatFlow4DModel(nn.Module):
             )
             for _ in range(num_blocks)
         )
-
-        # temporal decoder stages: unpool frames (taking the skip), then res blocks
-        self.out_blocks_t = nn.ModuleList()
-        for chs, prev_chs in zip(reversed(io_block_channels_t), [model_channels] + io_block_channels_t[:0:-1]):
-            if conv_type == "non":
-                self.out_blocks_t.append(SparseUpsample_t(2))
-                continue
-            block = _TEMPORAL_BLOCKS[conv_type]
-            self.out_blocks_t.append(block(prev_chs * skip, model_channels, chs, resample="up"))
-            self.out_blocks_t.extend(block(chs * skip, model_channels, chs) for _ in range(num_io_res4d_blocks - 1))
-
-        # spatial decoder stages: unpool space (taking the skip), then res blocks
-        self.out_blocks = nn.ModuleList()
-        for chs, prev_chs in zip(reversed(io_block_channels), [model_channels] + io_block_channels[:0:-1]):
-            self.out_blocks.append(SparseResBlock3d(prev_chs * skip, model_channels, chs, resample="up"))
-            self.out_blocks.extend(SparseResBlock3d(chs * skip, model_channels, chs) for _ in range(num_io_res_blocks - 1))
-
-        self.out_layer = nn.Linear(io_block_channels[0] if io_block_channels else model_channels, out_channels)
+        self.out_blocks_t = _temporal_decoder(io_block_channels_t, model_channels, num_io_res4d_blocks, conv_type, skip)
+        self.out_blocks = _spatial_decoder(io_block_channels, model_channels, num_io_res_blocks, skip)
+        self.out_layer = nn.Linear(io_width, out_channels)
 
     def _with_skip(self, h: SparseTensor, skip: torch.Tensor) -> SparseTensor:
         return h.replace(torch.cat([h.feats, skip], dim=1)) if self.use_skip_connection else h
