@@ -1,4 +1,5 @@
 """`python -m ss4d_blender.engine` through subprocesses, on the tiny random-weight pipeline (CPU)."""
+import os
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,12 @@ from ss4d_blender.engine.result import GenerationResult, load_result
 from ss4d_blender.engine.types import Mesh
 
 REPO = Path(__file__).resolve().parents[1]
-NOISE_WARNING = "tiny random-weight pipeline: results are noise"
+NOISE_WARNING = "warning: made with the tiny random-weight pipeline: the result is noise"
 
 
-def engine(*args, timeout=180):
+def engine(*args, timeout=180, env=None):
     return subprocess.run([sys.executable, "-m", "ss4d_blender.engine", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def assert_one_line_error(out, *words):
@@ -50,6 +51,10 @@ def generated(tiny, shared_dir, tmp_path_factory):
     frames = np.stack([np.asarray(Image.open(shared_dir / "samples" / "boxing" / f"{i:02d}.png").convert("RGBA"))
                        for i in (0, 3, 6, 9)])
     video = write_video(base / "boxing_alpha.mov", frames, "png", "rgba")
+    # an earlier, longer result in the output folder: replaced as a whole, nothing of it survives
+    for name in ("meshes/frame_004.ply", "gaussians/frame_004.ply", "result.safetensors"):
+        (base / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / "out" / name).write_text("stale")
     out = engine("generate", video, "-o", base / "out", "--pipeline", tiny, "--device", "cpu", "--seed", "1",
                  "--steps", "1")
     return base / "out", out
@@ -70,6 +75,10 @@ def test_generate_writes_result_gaussians_and_meshes(generated):
     assert result.settings["steps"] == 1
     assert sorted(p.name for p in (folder / "gaussians").iterdir()) == [f"frame_{i:03d}.ply" for i in range(4)]
     assert sorted(p.name for p in (folder / "meshes").iterdir()) == [f"frame_{i:03d}.ply" for i in range(4)]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["boxing_alpha.mov", "out"]  # no staging left
+    modes = {p.stat().st_mode & 0o777 for p in [folder / "result.safetensors", *folder.glob("*/frame_000.ply")]}
+    assert len(modes) == 1, modes  # result.safetensors: the same file mode as the other outputs
+    assert out.stderr.count(NOISE_WARNING) == 1
     for i in range(4):
         g = load_ply(folder / "gaussians" / f"frame_{i:03d}.ply")
         np.testing.assert_allclose(g.xyz, result.gaussians[i].xyz, atol=1e-6)
@@ -84,7 +93,7 @@ def test_generate_writes_result_gaussians_and_meshes(generated):
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, tiny, shared_dir):
-    out = engine("generate", shared_dir / "samples" / "boxing_green.mp4", "-o", tmp_path / "o")
+    out = engine("generate", shared_dir / "samples" / "boxing_green.mp4", "-o", tmp_path / "o", "--pipeline", tiny)
     assert_one_line_error(out, "has no alpha channel", "python -m ss4d_blender generate")
     frames = tmp_path / "one"
     frames.mkdir()
@@ -120,6 +129,9 @@ def test_animate_writes_one_mesh_through_all_frames(tmp_path):
     assert vertices.shape == (4, V, 3) and vertices.dtype == np.float32 and 150 < V < 600
     assert colors.shape == (V, 3) and np.allclose(colors, 0.25, atol=1e-3)
     assert fit_error.shape == (4,) and np.all(fit_error < 0.01), fit_error  # capsule ~1 unit: well fitted
+    diagonal = np.linalg.norm(np.ptp(vertices[1], axis=0))
+    percent = f"{float(np.mean(fit_error)) / diagonal * 100:.2f} % of the bounding-box diagonal"
+    assert f"fit error {percent}" in out.stdout, out.stdout
     assert "could not follow" not in out.stderr
     # a frame the mesh cannot follow (something else entirely, far away) is named, not hidden
     result.meshes[3] = Mesh(meshes[3].vertices * 0.2 + np.float32([3, 0, 0]), meshes[3].faces)
@@ -127,16 +139,27 @@ def test_animate_writes_one_mesh_through_all_frames(tmp_path):
     out = engine("animate", tmp_path / "result.safetensors", tmp_path / "anim.npz", "--vertices", 300,
                  "--reference-frame", 1, "--quiet")
     assert out.returncode == 0, out.stderr
-    assert "WARNING: Frame 3: the mesh could not follow" in out.stderr, out.stderr
+    assert "warning: Frame 3: the mesh could not follow" in out.stderr, out.stderr
 
 
-def test_help_and_register_delegation():
+def test_help_documents_every_flag_with_its_default():
     out = engine("--help")
     assert out.returncode == 0
     for command in ("generate", "animate", "make-tiny-pipeline", "register"):
         assert command in out.stdout
+    from ss4d_blender.engine.__main__ import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help" and not action.required:
+                assert action.help and "default" in action.help, (name, action.option_strings)
+    # register and animate: the same flags; register documents its input format
+    flags = {name: {o for a in commands[name]._actions for o in a.option_strings} for name in ("animate", "register")}
+    assert flags["animate"] == flags["register"] >= {"--vertices", "--smoothing", "--device", "--reference-frame"}
     out = engine("register", "--help")
-    assert out.returncode == 0 and "--target-vertices" in out.stdout
+    assert out.returncode == 0 and "vertices_t" in out.stdout and "faces_t" in out.stdout
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -155,3 +178,102 @@ def test_mesh_ply_round_trip(tmp_path, binary):
     assert plain.colors is None and len(plain.faces) == 5
     with pytest.raises(ValueError, match="out of range"):
         save_mesh_ply(tmp_path / "bad.ply", Mesh(mesh.vertices, mesh.faces + 7))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--frames", "0"], ["--frames", "at least 1"]),
+    (["--frames", "-3"], ["--frames", "at least 1"]),
+    (["--frames", "1"], ["--frames", "at least 2"]),
+    (["--device", "gpu"], ["--device", "invalid device 'gpu'"]),
+    (["--precision", "fp8"], ["--precision", "fp8"]),
+    (["--steps", "0"], ["--steps", "at least 1"]),
+])
+def test_generate_option_checks(tmp_path, args, words):
+    out = engine("generate", tmp_path / "in", "-o", tmp_path / "o", *args)
+    assert_one_line_error(out, *words)
+
+
+@pytest.mark.parametrize("command", ["animate", "register"])
+def test_animate_and_register_check_the_device(tmp_path, command):
+    out = engine(command, tmp_path / "in.npz", tmp_path / "out.npz", "--device", "gpu")
+    assert_one_line_error(out, "invalid device 'gpu'")
+    import torch
+
+    if not torch.cuda.is_available():  # a CPU-only torch: cuda is refused before anything is read
+        out = engine(command, tmp_path / "in.npz", tmp_path / "out.npz", "--device", "cuda")
+        assert_one_line_error(out, "CUDA was requested")
+    out = engine(command, tmp_path / "in.npz", tmp_path / "out.obj")
+    assert_one_line_error(out, "unsupported file type '.obj'")
+
+
+def test_output_location_is_checked_before_any_work(tmp_path, shared_dir):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    out = engine("generate", shared_dir / "samples" / "boxing", "-o", blocker / "out")
+    assert_one_line_error(out, "is a file, not a folder")
+    out = engine("generate", shared_dir / "samples" / "boxing", "-o", "/proc/ss4d_out")
+    assert_one_line_error(out, "not writable")
+    keep = tmp_path / "photos"
+    keep.mkdir()
+    (keep / "holiday.jpg").write_text("precious")
+    out = engine("generate", shared_dir / "samples" / "boxing", "-o", keep)
+    assert_one_line_error(out, "not an SS4D result", "holiday.jpg")
+    assert (keep / "holiday.jpg").read_text() == "precious"
+
+
+def test_frame_range_outside_the_clip(tmp_path, tiny, shared_dir):
+    out = engine("generate", shared_dir / "samples" / "boxing", "-o", tmp_path / "o", "--pipeline", tiny,
+                 "--start", 30, "--end", 40)
+    assert_one_line_error(out, "--end 40 is outside", "frames 1..32")
+    out = engine("generate", shared_dir / "samples" / "boxing", "-o", tmp_path / "o", "--pipeline", tiny,
+                 "--start", 33)
+    assert_one_line_error(out, "--start 33 is outside")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_weights_fail_fast_with_what_to_do(tmp_path, shared_dir):
+    """Before any frame is decoded (the .mp4 without alpha would be refused otherwise), one line that names
+    --pipeline DIR and the repository; 'offline' only when HF_HUB_OFFLINE is set."""
+    video = shared_dir / "samples" / "boxing_green.mp4"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = engine("generate", video, "-o", tmp_path / "o", "--cache-dir", tmp_path / "cache", env=env)
+    assert_one_line_error(out, "offline", "--pipeline DIR", "lizb6626/SS4D")
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there: the hub is unreachable
+    env.pop("HF_HUB_OFFLINE", None)
+    out = engine("generate", video, "-o", tmp_path / "o", "--cache-dir", tmp_path / "cache", env=env)
+    assert_one_line_error(out, "could not be reached", "--pipeline DIR", "lizb6626/SS4D")
+    assert "offline" not in out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_pickle_checkpoint_is_named_as_such(tmp_path, tiny, shared_dir):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny, pickled)
+    weights = pickled / "ckpts" / "slat_flow_model.safetensors"
+    weights.rename(weights.with_suffix(".pt"))
+    out = engine("generate", shared_dir / "samples" / "boxing", "-o", tmp_path / "o", "--pipeline", pickled)
+    assert_one_line_error(out, "found slat_flow_model.pt", "only .safetensors is read")
+
+
+def test_one_wrapper_maps_errors_to_exit_codes(capsys):
+    from ss4d_blender.engine import cli_common
+    from ss4d_blender.engine.errors import Cancelled, InputError
+
+    parser = cli_common.Parser(prog="t")
+
+    def failing(error):
+        def dispatch(args):
+            raise error
+        return dispatch
+
+    assert cli_common.run(parser, [], failing(InputError("bad\n input"))) == 2
+    assert capsys.readouterr().err.strip() == "error: bad input"
+    assert cli_common.run(parser, [], failing(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err.strip() == "cancelled"
+    assert cli_common.run(parser, [], failing(Cancelled())) == 130
+    capsys.readouterr()
+    assert cli_common.run(parser, [], failing(ZeroDivisionError("boom"))) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: internal error (ZeroDivisionError")
+    assert cli_common.run(parser, ["--nope"], failing(AssertionError())) == 2
+    assert capsys.readouterr().err.strip().startswith("error: t: unrecognized arguments: --nope")

@@ -634,7 +634,7 @@ def test_bad_input_and_cancel():
 
 
 def test_cli_module_runs(tmp_path):
-    """`python -m ss4d_blender.engine.registration.cli IN OUT` end to end, in a fresh process."""
+    """`python -m ss4d_blender.engine register IN OUT` end to end, in a fresh process."""
     seq = make_sequence("capsule_bend", 3, resolution=0.3, seed=8)
     src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
     arrays = {}
@@ -643,8 +643,8 @@ def test_cli_module_runs(tmp_path):
         arrays[f"colors_{t}"] = np.full_like(v, 0.25)
     np.savez(src, **arrays)
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "ss4d_blender.engine.registration.cli", str(src), str(dst),
-                          "--quiet", "--target-vertices", "300"], cwd=root, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "ss4d_blender.engine", "register", str(src), str(dst),
+                          "--quiet", "--vertices", "300"], cwd=root, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
     out = np.load(dst)
@@ -655,7 +655,7 @@ def test_cli_module_runs(tmp_path):
 
 
 def test_cli_roundtrip(tmp_path):
-    from ss4d_blender.engine.registration.cli import main
+    from ss4d_blender.engine.__main__ import main
 
     seq = make_sequence("capsule_wave", 4, resolution=0.3, seed=6, textured=True)
     arrays = {}
@@ -663,14 +663,14 @@ def test_cli_roundtrip(tmp_path):
         arrays[f"vertices_{t}"], arrays[f"faces_{t}"], arrays[f"colors_{t}"] = v, f, c
     src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
     np.savez(src, **arrays)
-    assert main([str(src), str(dst), "--quiet"]) == 0
+    assert main(["register", str(src), str(dst), "--quiet"]) == 0
     out = np.load(dst)
     assert out["vertices"].shape[0] == 4 and out["vertices"].shape[2] == 3
     assert out["faces"].dtype == np.int32 and out["faces"].shape[1] == 3
     assert out["fit_error"].shape == (4,)
     # colours in: the reference frame's come out on the mesh (not the smoothed ones the fit compares)
     assert np.allclose(out["colors"], seq.colors[int(out["reference_frame"])])
-    assert main([str(tmp_path / "missing.npz"), str(dst), "--quiet"]) == 1
+    assert main(["register", str(tmp_path / "missing.npz"), str(dst), "--quiet"]) == 2
 
 
 def test_device_choice_never_uses_mps():

@@ -9,7 +9,7 @@ another thread stops at the next step. Errors are `engine.errors.*` with message
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +19,7 @@ import torch
 from . import hub
 from .errors import InputError, SS4DError
 from .memory import default_precision, out_of_memory_as_error, pick_device, should_offload
+from .mesh.cleanup import MIN_COMPONENT_FRACTION
 from .pipeline import PipelineSpec, SamplingOptions, SS4DPipeline
 from .preprocess import check_frames, crop_box, pad_to_even, preprocess_frames
 from .progress import Progress
@@ -44,8 +45,28 @@ class GenerateSettings:
     precision: str = "auto"                # auto | fp32 | fp16 | bf16
     low_vram: Optional[bool] = None        # None = offload when GPU memory < 24 GB
     mesh_target_faces: Optional[int] = 200000   # decimate each frame's raw mesh to at most this
-    min_component_fraction: float = 0.02   # drop floating parts smaller than this share of the largest
+    min_component_fraction: float = MIN_COMPONENT_FRACTION   # drop floating parts smaller than this share
     fill_holes: bool = True
+
+    @classmethod
+    def from_user(cls, **given) -> "GenerateSettings":
+        """Settings from what a user gave (command line, Blender panel, job file). Only what was set counts:
+        None, "" and, for `steps` / `cfg` / `latent_cfg`, 0 mean "not given", so the field keeps its
+        default above. `mesh_decoder="none"` means no mesh decoder (meshes from the Gaussians)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise InputError(f"Unknown generation setting(s): {', '.join(unknown)}.")
+        values = {}
+        for name, value in given.items():
+            if isinstance(value, str):
+                value = value.strip()
+            if value is None or value == "" or (name in ("steps", "cfg", "latent_cfg") and value == 0):
+                continue
+            if name == "mesh_decoder" and str(value).lower() == "none":
+                value = None
+            values[name] = value
+        return cls(**values)
 
 
 def _image_encoder_folder(spec: PipelineSpec, settings: GenerateSettings, progress: Progress) -> tuple[Path, str]:
@@ -149,7 +170,7 @@ def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSetti
                 seconds=round(time.perf_counter() - started, 2))
     return GenerationResult(num_frames=count, coords=coords[keep].cpu().numpy().astype(np.int32),
                             slat_feats=slat.feats[keep.to(slat.feats.device)].float().cpu().numpy(),
-                            gaussians=gaussians, meshes=meshes, settings=info, is_random_weights=spec.random_weights)
+                            gaussians=gaussians, meshes=meshes, settings=info, is_random_weights=spec.is_random_weights)
 
 
 def animate(result: GenerationResult, *, target_vertices: int = 20000, reference_frame: Optional[int] = None,

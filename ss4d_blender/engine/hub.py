@@ -2,10 +2,9 @@
 huggingface_hub (standard cache or a given cache folder, progress bars, resumable, `HF_HUB_OFFLINE=1`
 honoured: then only the cache is used).
 
-Revisions: `PINNED_REVISIONS` holds the commit each known repository is pinned to. The commit hashes
-could not be looked up from the offline machine this was written on; until they are filled in, the
-default is the branch "main" and the commit actually downloaded (the snapshot folder name) is recorded in
-every result's settings, so a result always says exactly which weights made it. Pass `revision=` to pin.
+Revisions: `PINNED_REVISIONS` holds the commit each known repository is pinned to; while an entry is None
+the default is the branch "main", and the commit actually downloaded (the snapshot folder name) is recorded
+in every result's settings, so a result always says exactly which weights made it. Pass `revision=` to pin.
 """
 from __future__ import annotations
 
@@ -40,6 +39,33 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+LOCAL_HINTS = {  # how a command-line user points at a folder instead of the hub, per source
+    SS4D_REPO: "--pipeline DIR (a folder with pipeline.json and ckpts/; 'SS4D Weights' in the add-on's "
+               "preferences)",
+    TRELLIS_REPO: "--mesh-decoder DIR, or --mesh-decoder none for meshes from the Gaussians",
+    DINOV2_REPO: "a copy of it inside the pipeline folder, named after pipeline.json's image_cond_model",
+}
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+
+def _download_error(source: str, revision: str, err: Exception) -> WeightsError:
+    """What to tell the user when `source` could not be fetched: offline (only when HF_HUB_OFFLINE is
+    set), the hub could not be reached, or the repository / revision does not exist."""
+    name = type(err).__name__
+    local = LOCAL_HINTS.get(source, "--pipeline DIR (a local folder)")
+    if offline():
+        return WeightsError(f"The weights of {source} are not in the cache and HF_HUB_OFFLINE is set (offline). "
+                            f"Run once with network access to download them, or use {local}.")
+    if "RepositoryNotFound" in name or "RevisionNotFound" in name or "GatedRepo" in name:
+        return WeightsError(f"Cannot access {source} at revision {revision} on the Hugging Face hub ({name}). "
+                            f"Check the repository id and revision, or use {local}.")
+    if "LocalEntryNotFound" in name or "Connection" in name or "Timeout" in name or isinstance(err, OSError):
+        return WeightsError(f"The weights of {source} are not in the cache and the Hugging Face hub could not be "
+                            f"reached ({name}). Check the network connection and try again, or use {local}.")
+    return WeightsError(f"Downloading {source} failed ({name}: {err}). Nothing was changed; try again (the "
+                        f"download resumes where it stopped), or use {local}.")
+
+
 def resolve(source: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
             allow_patterns: Optional[list] = None, progress: bool = True) -> tuple[Path, str]:
     """A local folder or a hub repo id -> (local folder, revision used: 'local' or the commit hash)."""
@@ -57,22 +83,67 @@ def resolve(source: str, revision: Optional[str] = None, cache_dir: Optional[str
     try:
         folder = snapshot_download(source, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
     except Exception as err:  # noqa: BLE001 - every failure becomes an actionable message
-        name = type(err).__name__
-        if offline() or "LocalEntryNotFound" in name or "Offline" in name:
-            raise WeightsError(
-                f"The weights of {source} are not in the cache and downloading is disabled (offline). Connect "
-                f"to the internet and use 'Download weights' (or run once without HF_HUB_OFFLINE), or point "
-                f"the weights source at a local folder.") from err
-        if "RepositoryNotFound" in name or "RevisionNotFound" in name or "GatedRepo" in name:
-            raise WeightsError(f"Cannot access {source} at revision {revision} on the Hugging Face hub ({name}). "
-                               f"Check the repository id / revision in the preferences.") from err
-        raise WeightsError(f"Downloading {source} failed ({name}: {err}). Nothing was changed; try again - the "
-                           f"download resumes where it stopped.") from err
+        raise _download_error(source, revision, err) from err
     finally:
         if not progress:
             enable_progress_bars()
     folder = Path(folder)
     return folder, folder.name  # snapshots/<commit hash>
+
+
+def check_checkpoint(path: Path, source: str) -> None:
+    """`path` (a checkpoint name without suffix) has its `.json` and `.safetensors`; a pickle checkpoint in
+    their place is named as such (it is never unpickled)."""
+    weights = path.with_name(path.name + ".safetensors")
+    if weights.is_file() and path.with_name(path.name + ".json").is_file():
+        return
+    pickles = [path.with_name(path.name + suffix) for suffix in PICKLE_SUFFIXES]
+    found = next((p for p in pickles if p.is_file()), None)
+    if found is not None:
+        raise WeightsError(f"found {found.name} in {found.parent}: only .safetensors is read (pickle checkpoints "
+                           f"are never unpickled). Use the .safetensors files of {source}.")
+    missing = weights if not weights.is_file() else path.with_name(path.name + ".json")
+    raise WeightsError(f"{missing} is missing from {source}. Download the weights again, or give a complete folder.")
+
+
+def check_pipeline_folder(folder: Path, source: str) -> dict:
+    """The folder holds pipeline.json and every checkpoint it lists. Returns pipeline.json's `args`."""
+    path = folder / "pipeline.json"
+    if not path.is_file():
+        raise WeightsError(f"{folder} has no pipeline.json: not a pipeline folder. Use the folder downloaded from "
+                           f"the hub ({SS4D_REPO}) or one written by `make-tiny-pipeline`.")
+    try:
+        args = json.loads(path.read_text())["args"]
+        checkpoints = list(args["models"].values()) + ([args["mesh_decoder"]] if args.get("mesh_decoder") else [])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise WeightsError(f"{path} is not a valid SS4D pipeline.json ({err}).") from err
+    for name in checkpoints:
+        check_checkpoint(folder / name, source)
+    return args
+
+
+def fetch_weights(pipeline: Optional[str] = None, revision: Optional[str] = None,
+                  mesh_decoder: Optional[str] = "auto", cache_dir: Optional[str] = None,
+                  report=None) -> dict[str, tuple[Path, str]]:
+    """Every weight file generation reads, on disk before any other work (downloaded when missing and
+    allowed): the pipeline, the image encoder unless the pipeline folder has its own, and the mesh decoder
+    ('auto': the pipeline's own, else TRELLIS's; None: none). Returns {source: (folder, revision used)};
+    `report(source, fraction)` is called before each source. Raises WeightsError with what to do."""
+    pipeline = pipeline or SS4D_REPO
+    if report is not None:
+        report(pipeline, 0.0)
+    fetched = {pipeline: resolve(pipeline, revision, cache_dir)}
+    args = check_pipeline_folder(fetched[pipeline][0], pipeline)
+    others = []
+    if not (fetched[pipeline][0] / str(args.get("image_cond_model", "dinov2_vitl14_reg"))).is_dir():
+        others.append(DINOV2_REPO)
+    if mesh_decoder is not None and not (mesh_decoder == "auto" and args.get("mesh_decoder")):
+        others.append(TRELLIS_REPO if mesh_decoder == "auto" else mesh_decoder)
+    for i, source in enumerate(others):
+        if report is not None:
+            report(source, (i + 1) / (len(others) + 1))
+        fetched[source] = resolve(source, cache_dir=cache_dir)
+    return fetched
 
 
 def require_files(folder: Path, relative: list[str], source: str) -> None:
@@ -131,13 +202,15 @@ def weights_status(pipeline: str, revision: Optional[str] = None, mesh_decoder: 
     pipeline = pipeline or SS4D_REPO
     lines = [_source_status("SS4D", pipeline, revision or None, cache_dir, MARKER_FILES[SS4D_REPO])]
     args = {}
-    folder = Path(pipeline).expanduser() if is_local(pipeline) else cached_snapshot(pipeline, revision or None, cache_dir)
+    folder = (Path(pipeline).expanduser() if is_local(pipeline)
+              else cached_snapshot(pipeline, revision or None, cache_dir))
     if folder is not None and (folder / "pipeline.json").is_file():
         try:
             args = json.loads((folder / "pipeline.json").read_text()).get("args", {})
         except (OSError, ValueError, AttributeError):
             args = {}
-    encoder = folder / str(args.get("image_cond_model", "")) if folder is not None and args.get("image_cond_model") else None
+    has_encoder = folder is not None and args.get("image_cond_model")
+    encoder = folder / str(args["image_cond_model"]) if has_encoder else None
     if encoder is not None and encoder.is_dir():
         lines.append(_source_status("Image encoder", str(encoder), None, None, MARKER_FILES[DINOV2_REPO]))
     else:

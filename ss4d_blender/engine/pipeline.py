@@ -51,7 +51,7 @@ class PipelineSpec:
     latent_mean: list
     latent_std: list
     image_cond_model: str = "dinov2_vitl14_reg"
-    random_weights: bool = False      # the tiny random-weight pipeline of tests / offline demos
+    is_random_weights: bool = False   # the tiny random-weight pipeline of tests / offline demos
 
     @classmethod
     def from_folder(cls, folder) -> "PipelineSpec":
@@ -70,7 +70,8 @@ class PipelineSpec:
                 latent_mean=list(args["slat_normalization"]["mean"]),
                 latent_std=list(args["slat_normalization"]["std"]),
                 image_cond_model=args.get("image_cond_model", "dinov2_vitl14_reg"),
-                random_weights=bool(args.get("tiny_random_weights", False)),
+                # tiny pipelines on disk may carry the flag as "tiny_random_weights"
+                is_random_weights=bool(args.get("is_random_weights", args.get("tiny_random_weights", False))),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise WeightsError(f"{path} is not a valid SS4D pipeline.json ({err}).") from err
@@ -200,4 +201,3 @@ class SS4DPipeline:
                 progress("Meshing", (i + 1) / len(frames))
         self.done_with("slat_decoder_mesh")
         return meshes
-

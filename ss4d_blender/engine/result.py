@@ -17,6 +17,7 @@ from .types import GaussianSet, Mesh
 
 FORMAT = "ss4d-result/1"
 GAUSSIAN_FIELDS = ("xyz", "features_dc", "opacity", "scaling", "rotation")
+RANDOM_WEIGHTS_WARNING = "made with the tiny random-weight pipeline: the result is noise (for tests and demos only)"
 
 
 @dataclass
@@ -28,6 +29,11 @@ class GenerationResult:
     meshes: list                       # Mesh per frame (cleaned)
     settings: dict = field(default_factory=dict)
     is_random_weights: bool = False    # tiny random-weight pipeline: the result is noise
+    warnings: list = field(default_factory=list)   # what every front end shows the user after the run
+
+    def __post_init__(self):
+        if self.is_random_weights and RANDOM_WEIGHTS_WARNING not in self.warnings:
+            self.warnings = [RANDOM_WEIGHTS_WARNING] + list(self.warnings)
 
     def save(self, path: Union[str, Path]) -> Path:
         from safetensors.numpy import save_file
@@ -45,7 +51,8 @@ class GenerationResult:
                 tensors[f"meshes.{i}.colors"] = np.ascontiguousarray(m.colors, np.float32)
         meta = {"format": FORMAT, "num_frames": str(self.num_frames),
                 "num_gaussian_frames": str(len(self.gaussians)), "num_mesh_frames": str(len(self.meshes)),
-                "settings": json.dumps(self.settings), "is_random_weights": json.dumps(self.is_random_weights)}
+                "settings": json.dumps(self.settings), "is_random_weights": json.dumps(self.is_random_weights),
+                "warnings": json.dumps(list(self.warnings))}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata=meta)
@@ -72,16 +79,22 @@ def load_result(path: Union[str, Path]) -> GenerationResult:
                   for i in range(int(meta["num_mesh_frames"]))]
         return GenerationResult(num_frames=int(meta["num_frames"]), coords=get("coords"), slat_feats=get("slat_feats"),
                                 gaussians=gaussians, meshes=meshes, settings=json.loads(meta["settings"]),
-                                is_random_weights=json.loads(meta["is_random_weights"]))
+                                is_random_weights=json.loads(meta["is_random_weights"]),
+                                warnings=json.loads(meta.get("warnings", "[]")))
 
 
 def read_metadata(path: Union[str, Path]) -> dict:
-    """The header of a result file (frame count, settings, random-weights flag) without reading arrays."""
+    """The header of a result file (frame count, settings, random-weights flag, warnings) without reading
+    arrays."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an SS4D result file")
+    is_random_weights = json.loads(meta["is_random_weights"])
+    warnings = json.loads(meta.get("warnings", "[]"))
+    if is_random_weights and RANDOM_WEIGHTS_WARNING not in warnings:
+        warnings.insert(0, RANDOM_WEIGHTS_WARNING)
     return {"num_frames": int(meta["num_frames"]), "settings": json.loads(meta["settings"]),
-            "is_random_weights": json.loads(meta["is_random_weights"])}
+            "is_random_weights": is_random_weights, "warnings": warnings}

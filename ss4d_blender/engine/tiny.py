@@ -4,7 +4,7 @@ Every network of the real pipeline is present (DINOv2 with registers, 4D structu
 latent flow, 4D Gaussian decoder, mesh decoder) with the released structural options but a few channels
 and blocks, and RANDOM weights: what it generates is noise. It exercises the whole chain (loading,
 sampling, decoding, meshing, registration, the Blender layer) in seconds on a CPU. `pipeline.json` carries
-`"tiny_random_weights": true`, so results made with it say so.
+`"is_random_weights": true`, so results made with it say so.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def make_tiny_pipeline(folder: Union[str, Path], seed: int = 0) -> Path:
         "slat_normalization": {"mean": [0.0] * 8, "std": [1.0] * 8},
         "image_cond_model": "dinov2",
         "mesh_decoder": "ckpts/slat_decoder_mesh",
-        "tiny_random_weights": True,
+        "is_random_weights": True,
     }}
     (folder / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
     return folder

@@ -22,7 +22,6 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError
-from .preprocess import select_evenly
 
 IMAGE_SUFFIXES = {".png", ".webp", ".tif", ".tiff"}
 NO_ALPHA_SUFFIXES = {".jpg", ".jpeg", ".bmp"}       # listed only to say "matte first" instead of "no frames"
@@ -53,17 +52,30 @@ def frame_files(folder: Path) -> list[Path]:
 
 
 def _selection(total: int, frame_indices: Optional[Sequence[int]], max_frames: Optional[int],
-               source: Path) -> list[int]:
-    """Which of `total` frames to read: the given indices (or all), then at most `max_frames` of them
-    spread evenly (first and last kept)."""
-    if frame_indices is None:
-        chosen = list(range(total))
-    else:
+               source: Path, frame_range: Optional[tuple] = None) -> list[int]:
+    """Which of `total` frames to read: the given indices, or the frames of `frame_range` (first, last),
+    counted from 1 and inclusive, or all; then at most `max_frames` of them spread evenly (first and last
+    kept)."""
+    if frame_indices is not None:
         chosen = [int(i) for i in frame_indices]
         bad = [i for i in chosen if not 0 <= i < total]
         if bad:
             raise InputError(f"Frame index {bad[0]} is out of range: {source} has {total} frames (0..{total - 1}).")
+    elif frame_range is not None and frame_range != (None, None):
+        start, end = frame_range
+        for flag, value in (("--start", start), ("--end", end)):
+            if value is not None and not 1 <= value <= total:
+                raise InputError(f"{flag} {value} is outside {source}, which has frames 1..{total}.")
+        start, end = start or 1, end or total
+        if end <= start:
+            raise InputError(f"The range {start}..{end} of {source} holds fewer than 2 frames; at least 2 are "
+                             f"needed to generate motion.")
+        chosen = list(range(start - 1, end))
+    else:
+        chosen = list(range(total))
     if max_frames is not None:
+        from .preprocess import select_evenly
+
         if max_frames < 1:
             raise InputError(f"The number of frames to use must be at least 1, got {max_frames}.")
         chosen = [chosen[i] for i in select_evenly(len(chosen), int(max_frames))]
@@ -72,43 +84,65 @@ def _selection(total: int, frame_indices: Optional[Sequence[int]], max_frames: O
     return chosen
 
 
-def read_image_rgba(path: Path) -> np.ndarray:
-    """One image with transparency -> uint8 [H, W, 4] straight alpha."""
+def read_image_rgba(path: Path, require_alpha: bool = True) -> np.ndarray:
+    """One image -> uint8 [H, W, 4] straight alpha (fully decoded, so a truncated file is caught here).
+    require_alpha: an image without transparency is refused (it needs matting first)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.seek(0)  # first page of a multi-page TIFF / animated WebP
             has_alpha = "A" in image.getbands() or "transparency" in image.info
-            if not has_alpha:
+            if require_alpha and not has_alpha:
                 raise InputError(MATTE_MESSAGE.format(path=path, mode=image.mode))
             if image.mode == "RGBa":  # premultiplied TIFF: back to straight alpha
                 image = image.convert("RGBA")
             rgba = np.asarray(image.convert("RGBA"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"Cannot read the image {path} ({err}). Re-export it as PNG with transparency.") from err
     return np.ascontiguousarray(rgba)
 
 
-def _read_folder(folder: Path, frame_indices, max_frames) -> np.ndarray:
+def _folder_frame_files(folder: Path) -> list[Path]:
     files = frame_files(folder)
     if not files:
         videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
         hint = f" It contains video file(s) ({', '.join(videos[:3])}); give one of them instead." if videos else ""
         raise InputError(f"No frame images (PNG/WebP/TIFF with alpha) found in {folder}.{hint}")
+    return files
+
+
+def _check_same_size(path: Path, image: np.ndarray, first: Optional[tuple]) -> tuple:
+    """first: (path, shape) of the folder's first frame read (None for the first). Returns it."""
+    if first is None:
+        return path, image.shape
+    if image.shape != first[1]:
+        raise InputError(f"All frames must have the same size: {path.name} is {image.shape[1]}x"
+                         f"{image.shape[0]}, {first[0].name} is {first[1][1]}x{first[1][0]}.")
+    return first
+
+
+def check_frame_folder(folder: Union[str, Path], require_alpha: bool = True) -> list[Path]:
+    """Every frame of an image folder decodes and all have the same size (the checks `read_frames` makes,
+    with the same messages), before anything else reads them. Returns the files in frame order."""
+    folder = Path(folder)
+    files, first = _folder_frame_files(folder), None
+    for path in files:
+        first = _check_same_size(path, read_image_rgba(path, require_alpha), first)
+    return files
+
+
+def _read_folder(folder: Path, frame_indices, max_frames, frame_range=None) -> np.ndarray:
+    files = _folder_frame_files(folder)
     frames, first = [], None
-    for i in _selection(len(files), frame_indices, max_frames, folder):
+    for i in _selection(len(files), frame_indices, max_frames, folder, frame_range):
         image = read_image_rgba(files[i])
-        if first is None:
-            first = (files[i], image.shape)
-        elif image.shape != first[1]:
-            raise InputError(f"All frames must have the same size: {files[i].name} is {image.shape[1]}x"
-                             f"{image.shape[0]}, {first[0].name} is {first[1][1]}x{first[1][0]}.")
+        first = _check_same_size(files[i], image, first)
         frames.append(image)
     return np.stack(frames)
 
 
-def _read_npz(path: Path, frame_indices, max_frames) -> np.ndarray:
+def _read_npz(path: Path, frame_indices, max_frames, frame_range=None) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as data:
             if "frames" not in data.files:
@@ -122,7 +156,7 @@ def _read_npz(path: Path, frame_indices, max_frames) -> np.ndarray:
         raise InputError(MATTE_MESSAGE.format(path=path, mode="RGB"))
     if frames.dtype != np.uint8:
         raise InputError(f"{path}: 'frames' must be uint8 (0..255), got {frames.dtype}.")
-    chosen = _selection(frames.shape[0], frame_indices, max_frames, path)
+    chosen = _selection(frames.shape[0], frame_indices, max_frames, path, frame_range)
     return np.ascontiguousarray(frames[chosen])
 
 
@@ -161,7 +195,7 @@ def _decoded_frames(path: Path):
             yield from decoder.decode(packet)  # the last (empty) packet flushes the decoder
 
 
-def _read_video(path: Path, frame_indices, max_frames) -> np.ndarray:
+def _read_video(path: Path, frame_indices, max_frames, frame_range=None) -> np.ndarray:
     try:
         import av  # noqa: F401
     except ImportError as err:
@@ -177,7 +211,7 @@ def _read_video(path: Path, frame_indices, max_frames) -> np.ndarray:
             raise InputError(f"{path} contains no decodable video frames.")
         if not _format_has_alpha(first_format):
             raise InputError(VIDEO_NO_ALPHA_MESSAGE.format(path=path, format=first_format.name))
-        chosen = _selection(total, frame_indices, max_frames, path)
+        chosen = _selection(total, frame_indices, max_frames, path, frame_range)
         wanted = dict.fromkeys(chosen)
         for index, frame in enumerate(_decoded_frames(path)):  # pass 2: convert the chosen frames
             if index in wanted:
@@ -192,10 +226,11 @@ def _read_video(path: Path, frame_indices, max_frames) -> np.ndarray:
 
 
 def read_frames(path: Union[str, Path], frame_indices: Optional[Sequence[int]] = None,
-                max_frames: Optional[int] = None) -> np.ndarray:
+                max_frames: Optional[int] = None, frame_range: Optional[tuple] = None) -> np.ndarray:
     """A video with alpha, a frame folder or an `.npz` -> uint8 [T, H, W, 4] straight-alpha RGBA.
 
     frame_indices: which frames (decoded video frames / natural file order / the npz's first axis), default all.
+    frame_range: or (first, last) frame counted from 1, inclusive, either None for the clip's own.
     max_frames: then keep at most this many, spread evenly (first and last included).
     Raises InputError (video or images without alpha, undecodable, different sizes, nothing to read, ...)."""
     path = Path(path).expanduser()
@@ -203,11 +238,11 @@ def read_frames(path: Union[str, Path], frame_indices: Optional[Sequence[int]] =
     if not path.exists():
         raise InputError(f"Input not found: {path}")
     if suffix in VIDEO_SUFFIXES and path.is_file():
-        return _read_video(path, frame_indices, max_frames)
+        return _read_video(path, frame_indices, max_frames, frame_range)
     if path.is_dir():
-        return _read_folder(path, frame_indices, max_frames)
+        return _read_folder(path, frame_indices, max_frames, frame_range)
     if suffix == ".npz":
-        return _read_npz(path, frame_indices, max_frames)
+        return _read_npz(path, frame_indices, max_frames, frame_range)
     if suffix in IMAGE_SUFFIXES | NO_ALPHA_SUFFIXES:
         raise InputError(f"{path} is a single image; SS4D needs a sequence. Give the folder that holds the frames.")
     raise InputError(f"Cannot read {path}: expected a video with alpha, a folder of RGBA frames (PNG/WebP/TIFF) "

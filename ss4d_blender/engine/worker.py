@@ -9,7 +9,7 @@ job.json: {"kind": "generate" | "animate", "frames": "frames.npz" (generate), "r
 reference_frame, temporal_smoothing, device}, "cancel_file": "cancel"} (paths relative to the job folder or
 absolute). The worker prints one JSON object per line on stdout:
     {"stage": "Sampling latents", "fraction": 0.4}
-    {"warning": "..."}
+    {"warning": "..."}                                                 one per entry of the result's warnings
     {"error": "message for the artist", "kind": "InputError"}      then exits 1 (3 when cancelled)
     {"done": {"result": path, "animation": path}}                      then exits 0
 Cancelling = creating the cancel file: the worker stops at its next progress step. `WorkerClient` is the
@@ -47,18 +47,14 @@ def _path(job_dir: Path, value: Optional[str]) -> Optional[Path]:
 def _download(settings: dict, report) -> int:
     """Fetches every file generation needs into the cache (pinned revisions)."""
     from . import hub
+    from .api import GenerateSettings
 
-    sources = [(settings.get("pipeline") or hub.SS4D_REPO, settings.get("revision")), (hub.DINOV2_REPO, None)]
-    mesh_decoder = settings.get("mesh_decoder", "auto")
-    if mesh_decoder:
-        sources.append((hub.TRELLIS_REPO if mesh_decoder == "auto" else mesh_decoder, None))
-    done = {}
-    for i, (source, revision) in enumerate(sources):
-        report(f"Downloading {source}", i / len(sources))
-        folder, used = hub.resolve(source, revision, settings.get("cache_dir"))
-        done[source] = {"folder": str(folder), "revision": used}
+    s = GenerateSettings.from_user(**settings)
+    fetched = hub.fetch_weights(s.pipeline, s.revision, s.mesh_decoder, s.cache_dir,
+                                report=lambda source, fraction: report(f"Downloading {source}", fraction))
     report("Downloaded", 1.0)
-    _emit({"done": {"downloaded": done}})
+    _emit({"done": {"downloaded": {source: {"folder": str(folder), "revision": used}
+                                   for source, (folder, used) in fetched.items()}}})
     return 0
 
 
@@ -86,10 +82,8 @@ def run_job(job_file: Path) -> int:
         if job["kind"] == "generate":
             with np.load(_path(job_dir, job.get("frames", "frames.npz"))) as data:
                 frames = data["frames"]
-            settings = GenerateSettings(**job.get("settings", {}))
+            settings = GenerateSettings.from_user(**job.get("settings", {}))
             result = generate(frames, settings, progress)
-            if result.is_random_weights:
-                _emit({"warning": "Tiny random-weight pipeline: the result is noise (for tests and demos only)."})
             result.save(result_path)
         elif job["kind"] == "animate":
             result = load_result(result_path)
@@ -106,8 +100,11 @@ def run_job(job_file: Path) -> int:
                  fit_error=animation.fit_error, reference_frame=np.int32(animation.reference_frame),
                  bad_frames=np.asarray(animation.info.get("bad_frames", []), np.int32))
         os.replace(tmp, animation_path)
+        for warning in result.warnings:
+            _emit({"warning": warning})
         _emit({"done": {"result": str(result_path), "animation": str(animation_path),
-                        "is_random_weights": bool(result.is_random_weights), "settings": result.settings}})
+                        "is_random_weights": bool(result.is_random_weights), "warnings": list(result.warnings),
+                        "settings": result.settings}})
         return 0
     except Cancelled:
         _emit({"error": "Cancelled.", "kind": "Cancelled"})

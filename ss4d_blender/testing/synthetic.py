@@ -238,7 +238,7 @@ def mesh_through_decoder(vertices: np.ndarray, faces: np.ndarray, grid: int, cen
     cubes, sdf = cubes[active], corner_sdf[active]
     feats = torch.zeros(cubes.shape[0], NUM_CHANNELS_NO_COLOR)
     feats[:, SDF] = (sdf + 1.0 / R).float()                 # the decoder's sdf carries a bias of -1/R
-    mesh = clean_mesh(mesh_from_decoder_features(cubes, feats, R))
+    mesh = clean_mesh(mesh_from_decoder_features(cubes, feats, R), min_component_fraction=0.05)
     out = mesh.vertices.astype(np.float64) / scale + np.asarray(centre, np.float64)
     return out.astype(np.float32), mesh.faces.astype(np.int32)
 

@@ -423,7 +423,10 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
 
 
 # ------------------------------------------------------------------------------------- pipeline
-def clean_mesh(mesh: Mesh, min_component_fraction: float = 0.05,
+MIN_COMPONENT_FRACTION = 0.02  # floating parts smaller than this share of the largest part (faces) are dropped
+
+
+def clean_mesh(mesh: Mesh, min_component_fraction: float = MIN_COMPONENT_FRACTION,
                fill_holes: Union[bool, int] = False, target_faces: Optional[int] = None) -> Mesh:
     """Weld duplicate vertices, drop degenerate faces, drop floating parts smaller than
     ``min_component_fraction`` of the largest part (by face count; 0 keeps all), optionally close

@@ -1,8 +1,10 @@
 """`register IN OUT`: one mesh through all frames, from the command line.
 
-IN  an `.npz` with vertices_0..vertices_{T-1} (float32 [n,3]), faces_0..faces_{T-1} (int32 [m,3])
-    and optionally colors_0.. (float32 [n,3]); or the pipeline's result file (read with
-    `engine.result.load_result`, when that module is present).
+IN  an `.npz` with, for each frame t = 0..T-1 (numbered without gaps):
+      vertices_t  float32 [n_t, 3]   the frame's vertex positions
+      faces_t     int32   [m_t, 3]   triangles (indices into vertices_t)
+      colors_t    float32 [n_t, 3]   optional vertex colours, linear 0..1
+    or a result file written by `generate` (result.safetensors).
 OUT an `.npz` with faces [F,3] int32, vertices [T,V,3] float32, colors [V,3] (when available),
     fit_error [T] float32, reference_frame, bad_frames.
 """
@@ -16,9 +18,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import InputError, SS4DError
+from ..errors import InputError
 from ..progress import Progress
-from ..types import Mesh
+from ..types import Mesh, poor_fit_message
 
 
 def load_meshes(path: Path) -> tuple[list[Mesh], Optional[list]]:
@@ -42,7 +44,10 @@ def load_meshes(path: Path) -> tuple[list[Mesh], Optional[list]]:
         return meshes, None
     from ..result import load_result
 
-    result = load_result(path)
+    try:
+        result = load_result(path)
+    except (ValueError, OSError) as err:
+        raise InputError(f"Cannot read {path}: {err}") from err
     return list(result.meshes), list(getattr(result, "gaussians", None) or []) or None
 
 
@@ -57,40 +62,37 @@ def save_animation(path: Path, anim) -> None:
     np.savez_compressed(path, **arrays)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="register", description=__doc__.splitlines()[0])
-    parser.add_argument("input", type=Path)
-    parser.add_argument("output", type=Path)
-    parser.add_argument("--reference-frame", type=int, default=None)
-    parser.add_argument("--target-vertices", type=int, default=20000)
-    parser.add_argument("--temporal-smoothing", type=float, default=0.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .. import cli_common
+
+    parser.add_argument("input", type=Path, help="per-frame meshes: an .npz as described above, or a result file")
+    parser.add_argument("output", type=Path, help="output .npz")
+    cli_common.add_animate_flags(parser, reference_help="frame (counted from 0) whose shape gives the topology "
+                                                        "(default: the most complete)")
+    cli_common.add_device_flags(parser, precision=False)
+    parser.add_argument("--quiet", action="store_true", help="no progress (default: shown)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import cli_common
     from .sequence import register_sequence
+
+    cli_common.check_writable(args.output, (".npz",), flag="OUTPUT")
+    cli_common.check_device(args.device)
 
     def report(stage: str, fraction: float) -> None:
         if not args.quiet:
             print(f"\r{stage}: {100 * fraction:5.1f}%", end="", file=sys.stderr, flush=True)
 
-    try:
-        meshes, gaussians = load_meshes(args.input)
-        anim = register_sequence(meshes, reference_frame=args.reference_frame,
-                                 target_vertices=args.target_vertices,
-                                 temporal_smoothing=args.temporal_smoothing,
-                                 progress=Progress(report), device=args.device, gaussians=gaussians)
-        save_animation(args.output, anim)
-    except SS4DError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        return 1
+    meshes, gaussians = load_meshes(args.input)
+    anim = register_sequence(meshes, progress=Progress(report), device=args.device, gaussians=gaussians,
+                             **cli_common.given(args, "target_vertices", "reference_frame", "temporal_smoothing"))
+    save_animation(args.output, anim)
     if not args.quiet:
         print(file=sys.stderr)
-    bad = anim.info.get("bad_frames", [])
     print(f"{anim.vertices.shape[0]} frames x {anim.vertices.shape[1]} vertices, reference frame "
-          f"{anim.reference_frame}, fit error max {float(np.max(anim.fit_error)):.5f}, "
-          f"bad frames {bad if bad else 'none'} -> {args.output}")
+          f"{anim.reference_frame} -> {args.output}")
+    print(cli_common.fit_error_text(anim.vertices, anim.fit_error, anim.reference_frame))
+    poor_fit = poor_fit_message(anim.info.get("bad_frames", []))
+    cli_common.print_warnings([poor_fit + " (frames counted from 0)"] if poor_fit else [])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
