@@ -125,6 +125,64 @@ def smooth_trajectories(x: torch.Tensor, strength: float) -> torch.Tensor:
     return torch.linalg.solve(a, flat).reshape(x.shape).to(x.device, x.dtype)
 
 
+def _check_inputs(meshes, gaussians, reference_frame) -> tuple[list[bool], int]:
+    """Which frames are usable, and the reference frame (chosen when None); InputError for bad input."""
+    usable = _validate(meshes)
+    num_frames = len(meshes)
+    if gaussians is not None and len(gaussians) != num_frames:
+        raise InputError(f"{len(gaussians)} frames of Gaussians for {num_frames} frames of meshes.")
+    if reference_frame is None:
+        reference_frame = choose_reference_frame(meshes, usable)
+    if not (0 <= reference_frame < num_frames):
+        raise InputError(f"Reference frame {reference_frame} is outside 0..{num_frames - 1}.")
+    if not usable[reference_frame]:
+        raise InputError(f"Reference frame {reference_frame} has no usable mesh; choose another.")
+    return usable, reference_frame
+
+
+def _mesh_tensors(mesh: Mesh, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frame's vertices [n, 3] float32 and faces [m, 3] int64 on `device`."""
+    return (torch.from_numpy(np.ascontiguousarray(mesh.vertices, np.float32)).to(device),
+            torch.from_numpy(np.ascontiguousarray(mesh.faces, np.int64)).to(device))
+
+
+def _fit_direction(deformer: Deformer, rest: torch.Tensor, frames, meshes, usable, gaussians, with_colors: bool,
+                   samples: int, generator: torch.Generator, positions: list, stats: list, on_frame) -> None:
+    """Fits `frames` (outward from the reference, in order) into `positions` [V, 3] and `stats`, each frame
+    warm-started from its neighbour's result. A frame that diverges or has no usable mesh keeps its
+    neighbour's shape. Frames are fitted by colour too when the reference and the frame both have colours."""
+    previous, state = rest, deformer.graph.identity_state()
+    for t in frames:
+        if usable[t]:
+            mesh = meshes[t]
+            frame_colors = None
+            if with_colors:
+                frame_colors = (mesh.colors if mesh.colors is not None
+                                else _colors_from_gaussians(mesh.vertices, gaussians, t))
+            tv, tf = _mesh_tensors(mesh, rest.device)
+            target = Target(tv, tf, samples, generator, _tensor(frame_colors, rest.device), deformer.color_blur)
+            x, new_state, st = deformer.fit_coarse_to_fine(state, target)
+            if st.get("diverged"):
+                x = previous
+            else:
+                state = new_state
+            positions[t], stats[t], previous = x, st, x
+        else:
+            positions[t], stats[t] = previous, {"empty": True}
+        on_frame()
+
+
+def _fit_errors(meshes, usable, x_all: torch.Tensor) -> np.ndarray:
+    """Fit error per frame [T]: mean distance from the registered vertices to that frame's surface (inf for
+    frames without a usable mesh)."""
+    fit_error = np.full(len(meshes), np.inf, np.float32)
+    for t, mesh in enumerate(meshes):
+        if usable[t]:
+            tv, tf = _mesh_tensors(mesh, x_all.device)
+            fit_error[t] = float(SurfaceDistance(tv, tf)(x_all[t]).mean())
+    return fit_error
+
+
 def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = None,
                       target_vertices: int = 20000, temporal_smoothing: float = 0.0,
                       progress: Optional[Progress] = None, device="cpu",
@@ -142,21 +200,14 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
     Frames without a usable mesh copy their neighbour's shape and get fit_error = inf (flagged).
     """
     started = time.perf_counter()
-    usable = _validate(meshes)
-    num_frames = len(meshes)
     gaussians = list(gaussians) if gaussians else None          # an empty list: no Gaussians
-    if gaussians is not None and len(gaussians) != num_frames:
-        raise InputError(f"{len(gaussians)} frames of Gaussians for {num_frames} frames of meshes.")
-    if reference_frame is None:
-        reference_frame = choose_reference_frame(meshes, usable)
-    if not (0 <= reference_frame < num_frames):
-        raise InputError(f"Reference frame {reference_frame} is outside 0..{num_frames - 1}.")
-    if not usable[reference_frame]:
-        raise InputError(f"Reference frame {reference_frame} has no usable mesh; choose another.")
+    usable, reference_frame = _check_inputs(meshes, gaussians, reference_frame)
+    num_frames = len(meshes)
     dev = resolve_device(device)
     progress = progress or Progress()
     progress.update("Registering", 0.0)
 
+    # 1-2. the reference frame's mesh, simplified to the target vertex count
     ref = meshes[reference_frame]
     ref_colors = None if ref.colors is None else np.asarray(ref.colors, np.float32)
     v0, f0, c0, method = simplify_to_vertices(np.asarray(ref.vertices, np.float32),
@@ -168,47 +219,20 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
     generator = torch.Generator().manual_seed(seed)
     samples = int(min(max(2 * rest.shape[0], 2000), 200_000))
 
+    # 3. fit outward from the reference, forwards then backwards
     positions: list[Optional[torch.Tensor]] = [None] * num_frames
     stats: list[dict] = [{} for _ in range(num_frames)]
     positions[reference_frame] = rest.clone()
-    order = [range(reference_frame + 1, num_frames), range(reference_frame - 1, -1, -1)]
-    done = 1
-    for frames in order:
-        previous, state, prev_state = rest, deformer.graph.identity_state(), None
-        for t in frames:
-            if usable[t]:
-                mesh = meshes[t]
-                tv = torch.from_numpy(np.ascontiguousarray(mesh.vertices, np.float32)).to(dev)
-                tf = torch.from_numpy(np.ascontiguousarray(mesh.faces, np.int64)).to(dev)
-                frame_colors = None                       # fitted by colour too when both have colours
-                if colors is not None:
-                    frame_colors = (mesh.colors if mesh.colors is not None
-                                    else _colors_from_gaussians(mesh.vertices, gaussians, t))
-                target = Target(tv, tf, samples, generator, _tensor(frame_colors, dev), deformer.color_blur)
-                x, new_state, st = deformer.fit_coarse_to_fine(state, target)
-                if st.get("diverged"):
-                    x = previous
-                else:
-                    prev_state, state = state, new_state
-                positions[t] = x
-                stats[t] = st
-                previous = x
-            else:
-                positions[t] = previous
-                stats[t] = {"empty": True}
-            done += 1
-            progress.update("Registering", 0.95 * done / num_frames)
 
-    x_all = torch.stack(positions)                    # [T, V, 3]
-    x_all = smooth_trajectories(x_all, float(temporal_smoothing))
+    def on_frame():
+        progress.update("Registering", 0.95 * sum(x is not None for x in positions) / num_frames)
+    for frames in (range(reference_frame + 1, num_frames), range(reference_frame - 1, -1, -1)):
+        _fit_direction(deformer, rest, frames, meshes, usable, gaussians, colors is not None, samples, generator,
+                       positions, stats, on_frame)
 
-    # fit error per frame: mean distance from the registered vertices to that frame's surface
-    fit_error = np.full(num_frames, np.inf, np.float32)
-    for t in range(num_frames):
-        if usable[t]:
-            tv = torch.from_numpy(np.ascontiguousarray(meshes[t].vertices, np.float32)).to(dev)
-            tf = torch.from_numpy(np.ascontiguousarray(meshes[t].faces, np.int64)).to(dev)
-            fit_error[t] = float(SurfaceDistance(tv, tf)(x_all[t]).mean())
+    # 4-5. smoothing over time, then the fit error of every frame
+    x_all = smooth_trajectories(torch.stack(positions), float(temporal_smoothing))     # [T, V, 3]
+    fit_error = _fit_errors(meshes, usable, x_all)
     threshold = BAD_FRAME_FRACTION * deformer.diag
     bad = [t for t in range(num_frames) if not fit_error[t] <= threshold]
 
