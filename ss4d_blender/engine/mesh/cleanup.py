@@ -343,7 +343,7 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
     quadric = _plane_quadrics(v, f)
     # every edge's collapse position and cost, kept from round to round: only edges at a vertex that
     # the last round moved (a collapse's survivor) change
-    known_keys, known_x, known_cost = np.zeros(0, dtype=np.int64), np.zeros((0, 3)), np.zeros(0)
+    known = (np.zeros(0, dtype=np.int64), np.zeros((0, 3)), np.zeros(0))
     moved = np.ones(nv, dtype=bool)
     for _ in range(max_rounds):
         needed = (len(f) - target_faces) // 2
@@ -351,59 +351,14 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
             break
         edges, counts = _undirected(f, nv)
         keys = edges[:, 0] * nv + edges[:, 1]
-        fresh = moved[edges[:, 0]] | moved[edges[:, 1]]
-        x_all, cost_all = np.empty((len(edges), 3)), np.empty(len(edges))
-        kept = np.searchsorted(known_keys, keys[~fresh])
-        x_all[~fresh], cost_all[~fresh] = known_x[kept], known_cost[kept]
-        x_all[fresh], cost_all[fresh] = _collapse_placement(v, quadric, edges[fresh])
-        known_keys, known_x, known_cost = keys, x_all, cost_all
-        locked = np.zeros(nv, dtype=bool)
-        locked[edges[counts != 2].reshape(-1)] = True
-        is_cand = ~(locked[edges[:, 0]] | locked[edges[:, 1]])
-        if not is_cand.any():
+        x_all, cost_all = _round_placements(v, quadric, edges, keys, moved, known)
+        known = (keys, x_all, cost_all)
+        candidates = _cheapest_candidates(edges, counts, x_all, cost_all, nv, 12 * needed + 256)
+        if candidates is None:
             break
-        u, w, x, cost = edges[is_cand, 0], edges[is_cand, 1], x_all[is_cand], cost_all[is_cand]
-        order = np.argsort(cost, kind="stable")[: min(len(u), 12 * needed + 256)]
-        u, w, x = u[order], w[order], x[order]
-        k = len(u)
+        u, w, x = candidates
         checks = _CollapseChecks(v, f, edges, keys, min_normal_cos)
-
-        # pick collapses with disjoint patches: an edge wins if no face around its endpoints
-        # touches a cheaper eligible edge; winners that fail the checks drop out, and the next
-        # pass lets others win in their place, excluding the patches taken so far
-        chosen = np.zeros(k, dtype=bool)
-        eligible = np.ones(k, dtype=bool)
-        picking = 0
-        for _pass in range(4 * passes):                 # passes that pick something, at most `passes`
-            rank = np.where(eligible, np.arange(k), k)
-            vrank = np.full(nv, k)
-            np.minimum.at(vrank, u, rank)
-            np.minimum.at(vrank, w, rank)
-            frank = vrank[f].min(1)
-            patch_min = np.full(nv, k)
-            for corner in range(3):
-                np.minimum.at(patch_min, f[:, corner], frank)
-            win = np.nonzero(eligible & (patch_min[u] == rank) & (patch_min[w] == rank))[0]
-            if len(win) == 0:
-                break
-            ok = checks.valid(u[win], w[win], x[win])
-            eligible[win[~ok]] = False
-            win = win[ok]
-            if len(win) == 0:
-                continue
-            picking += 1
-            chosen[win] = True
-            # faces in the winners' patches are taken; edges touching them are no longer eligible
-            taken_vertex = np.zeros(nv, dtype=bool)
-            taken_vertex[u[win]] = True
-            taken_vertex[w[win]] = True
-            taken_face = taken_vertex[f].any(1)
-            near_taken = np.zeros(nv, dtype=bool)
-            near_taken[f[taken_face].reshape(-1)] = True
-            eligible &= ~(near_taken[u] | near_taken[w])
-            if picking >= passes or chosen.sum() >= needed or not eligible.any():
-                break
-        chosen = np.nonzero(chosen)[0][:needed]
+        chosen = _pick_disjoint_collapses(u, w, x, f, nv, checks, needed, passes)
         if len(chosen) == 0:
             break
         cu, cw = u[chosen], w[chosen]
@@ -420,6 +375,77 @@ def decimate(mesh: Mesh, target_faces: int, max_rounds: int = 400, min_normal_co
     out = Mesh(v.astype(np.float32), f.astype(np.int32),
                None if colors is None else colors.astype(np.float32))
     return remove_unused_vertices(out)
+
+
+def _round_placements(v, quadric, edges, keys, moved, known) -> tuple[np.ndarray, np.ndarray]:
+    """Collapse position [E, 3] and cost [E] of every edge of this round: recomputed for edges at a moved
+    vertex, taken from `known` (keys, positions, costs of the last round; keys sorted) for the others."""
+    known_keys, known_x, known_cost = known
+    fresh = moved[edges[:, 0]] | moved[edges[:, 1]]
+    x_all, cost_all = np.empty((len(edges), 3)), np.empty(len(edges))
+    kept = np.searchsorted(known_keys, keys[~fresh])
+    x_all[~fresh], cost_all[~fresh] = known_x[kept], known_cost[kept]
+    x_all[fresh], cost_all[fresh] = _collapse_placement(v, quadric, edges[fresh])
+    return x_all, cost_all
+
+
+def _cheapest_candidates(edges, counts, x_all, cost_all, nv: int, limit: int):
+    """The `limit` cheapest collapses of edges with no endpoint on a border or non-manifold edge (edges with
+    other than two faces): (u [k], w [k], x [k, 3]) sorted by cost, or None when no edge may collapse."""
+    locked = np.zeros(nv, dtype=bool)
+    locked[edges[counts != 2].reshape(-1)] = True
+    is_cand = ~(locked[edges[:, 0]] | locked[edges[:, 1]])
+    if not is_cand.any():
+        return None
+    u, w, x, cost = edges[is_cand, 0], edges[is_cand, 1], x_all[is_cand], cost_all[is_cand]
+    order = np.argsort(cost, kind="stable")[: min(len(u), limit)]
+    return u[order], w[order], x[order]
+
+
+def _pick_disjoint_collapses(u, w, x, f, nv: int, checks: _CollapseChecks, needed: int, passes: int) -> np.ndarray:
+    """Indices of the candidates (u, w, x), sorted cheapest first, to collapse this round: at most `needed`,
+    with patches that do not overlap. In each pass an edge wins if no face around its endpoints touches a
+    cheaper eligible edge; winners that fail the checks drop out, and the next pass lets others win in their
+    place, excluding the patches taken so far. At most `passes` passes that pick something."""
+    k = len(u)
+    chosen = np.zeros(k, dtype=bool)
+    eligible = np.ones(k, dtype=bool)
+    picking = 0
+    for _pass in range(4 * passes):
+        rank = np.where(eligible, np.arange(k), k)
+        vrank = np.full(nv, k)
+        np.minimum.at(vrank, u, rank)
+        np.minimum.at(vrank, w, rank)
+        frank = vrank[f].min(1)
+        patch_min = np.full(nv, k)
+        for corner in range(3):
+            np.minimum.at(patch_min, f[:, corner], frank)
+        win = np.nonzero(eligible & (patch_min[u] == rank) & (patch_min[w] == rank))[0]
+        if len(win) == 0:
+            break
+        ok = checks.valid(u[win], w[win], x[win])
+        eligible[win[~ok]] = False
+        win = win[ok]
+        if len(win) == 0:
+            continue
+        picking += 1
+        chosen[win] = True
+        near = _near_patches(u[win], w[win], f, nv)       # edges touching a taken patch are no longer eligible
+        eligible &= ~(near[u] | near[w])
+        if picking >= passes or chosen.sum() >= needed or not eligible.any():
+            break
+    return np.nonzero(chosen)[0][:needed]
+
+
+def _near_patches(u: np.ndarray, w: np.ndarray, f: np.ndarray, nv: int) -> np.ndarray:
+    """[nv] bool: vertices of the faces around the collapsing edges (u, w) (their patches are taken)."""
+    taken_vertex = np.zeros(nv, dtype=bool)
+    taken_vertex[u] = True
+    taken_vertex[w] = True
+    taken_face = taken_vertex[f].any(1)
+    near_taken = np.zeros(nv, dtype=bool)
+    near_taken[f[taken_face].reshape(-1)] = True
+    return near_taken
 
 
 # ------------------------------------------------------------------------------------- pipeline
