@@ -67,6 +67,46 @@ def mesh_from_decoder_features(coords, feats, resolution: int = 256, *,
         engine.types.Mesh with vertices in [-0.5, 0.5]^3, counter-clockwise faces seen from outside,
         and linear vertex colours (None without colour channels).
     """
+    coords, feats = _check_inputs(coords, feats)
+    use_color = feats.shape[1] == NUM_CHANNELS
+    device = feats.device
+    R = int(resolution)
+    size = R + 1                                            # vertices per axis
+
+    # 1. per-vertex attributes: mean over the active voxels sharing the vertex
+    active_keys, active_attr = _shared_vertex_attributes(coords, feats, R)
+    # 2. crossed cubes: they have an inside corner, and inside corners are active vertices
+    cube_ijk = _crossed_cubes(active_keys, active_attr, R)
+    vertex_ijk, cube_corners = cube_corner_vertices(cube_ijk)
+    if cube_ijk.shape[0] == 0:
+        return Mesh(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32),
+                    np.zeros((0, 3), np.float32) if use_color else None)
+
+    # 3. attributes of the candidate cubes' vertices (defaults where no active voxel touches them)
+    found = lookup(active_keys, pack(vertex_ijk, size))
+    defaults = torch.zeros(active_attr.shape[-1], device=device)
+    defaults[0] = 1.0                                      # outside
+    vertex_attr = torch.where((found >= 0)[:, None], active_attr[found.clamp(min=0)], defaults)
+    positions = deformed_positions(vertex_ijk, vertex_attr[:, 1:4], R)
+    sdf = vertex_attr[:, 0]
+    colors = torch.sigmoid(vertex_attr[:, 4:]) if use_color else None
+
+    # 4. FlexiCubes, with the per-cube weights of the active voxels
+    weights = _cube_weights(coords, feats, cube_ijk, size)
+    result = flexicubes_extract(positions, sdf, cube_corners, beta=weights[:, :12], alpha=weights[:, 12:20],
+                                gamma=weights[:, 20], vertex_attributes=colors)
+    vertices, faces, attrs = result
+    if drop_unused_vertices and faces.numel():
+        vertices, faces, attrs = _drop_unused_vertices(vertices, faces, attrs)
+    mesh_colors = None
+    if attrs is not None:
+        mesh_colors = srgb_to_linear(attrs[:, :3]).cpu().numpy().astype(np.float32)
+    return Mesh(vertices=vertices.cpu().numpy().astype(np.float32),
+                faces=faces.cpu().numpy().astype(np.int32), colors=mesh_colors)
+
+
+def _check_inputs(coords, feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """coords int64 [N, 3] (the batch column dropped) and feats float32 [N, 101 or 53] on feats' device."""
     feats = _as_tensor(feats)
     device = feats.device
     feats = feats.float()
@@ -75,64 +115,52 @@ def mesh_from_decoder_features(coords, feats, resolution: int = 256, *,
         if coords.shape[0] and bool((coords[:, 0] != coords[0, 0]).any()):
             raise ValueError("mesh_from_decoder_features makes one mesh: coords hold several batch indices")
         coords = coords[:, 1:]
-    coords = coords.long()
     if feats.shape[1] not in (NUM_CHANNELS, NUM_CHANNELS_NO_COLOR):
         raise ValueError(f"expected {NUM_CHANNELS} (or {NUM_CHANNELS_NO_COLOR}) feature channels, got {feats.shape[1]}")
-    use_color = feats.shape[1] == NUM_CHANNELS
-    n = coords.shape[0]
-    R = int(resolution)
-    size = R + 1                                            # vertices per axis
+    return coords.long(), feats
 
-    # 1. per-vertex attributes: mean over the active voxels sharing the vertex
+
+def _shared_vertex_attributes(coords: torch.Tensor, feats: torch.Tensor, R: int):
+    """Per grid vertex of the active voxels: packed keys [Va] (sorted) and the mean of the voxels'
+    per-corner values there [Va, A] (sdf with its -1/R bias, deform xyz, then the 6 colour channels)."""
+    n, device = coords.shape[0], feats.device
     per_corner = [feats[:, SDF].reshape(n, 8, 1) - 1.0 / R, feats[:, DEFORM].reshape(n, 8, 3)]
-    if use_color:
+    if feats.shape[1] == NUM_CHANNELS:
         per_corner.append(feats[:, COLOR].reshape(n, 8, 6))
     per_corner = torch.cat(per_corner, dim=-1)             # [N, 8, A]
-    corner_keys = pack(coords[:, None, :] + corner_offsets(device)[None], size).reshape(-1)
+    corner_keys = pack(coords[:, None, :] + corner_offsets(device)[None], R + 1).reshape(-1)
     active_keys, inverse = torch.unique(corner_keys, return_inverse=True)
     num_attr = per_corner.shape[-1]
-    sums = torch.zeros(active_keys.numel(), num_attr, device=device).index_add_(0, inverse, per_corner.reshape(-1, num_attr))
-    counts = torch.zeros(active_keys.numel(), device=device).index_add_(0, inverse, torch.ones_like(inverse, dtype=torch.float32))
-    active_attr = sums / counts[:, None]
+    sums = torch.zeros(active_keys.numel(), num_attr, device=device).index_add_(
+        0, inverse, per_corner.reshape(-1, num_attr))
+    counts = torch.zeros(active_keys.numel(), device=device).index_add_(
+        0, inverse, torch.ones_like(inverse, dtype=torch.float32))
+    return active_keys, sums / counts[:, None]
 
-    # 2. crossed cubes: they have an inside corner, and inside corners are active vertices
+
+def _crossed_cubes(active_keys: torch.Tensor, active_attr: torch.Tensor, R: int) -> torch.Tensor:
+    """ijk [C, 3] of the cubes with an inside and an outside corner (inside corners are active vertices)."""
+    size = R + 1
     inside_keys = active_keys[active_attr[:, 0] < 0]
     cube_ijk = cubes_around_vertices(unpack(inside_keys, size), R)
-    # keep the cubes that also have an outside corner (the crossed ones)
-    corner_is_inside = lookup(inside_keys, pack(cube_ijk[:, None, :] + corner_offsets(device)[None], size)) >= 0
-    cube_ijk = cube_ijk[~corner_is_inside.all(1)]
-    vertex_ijk, cube_corners = cube_corner_vertices(cube_ijk)
-    if cube_ijk.shape[0] == 0:
-        return Mesh(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32),
-                    np.zeros((0, 3), np.float32) if use_color else None)
+    corner_is_inside = lookup(inside_keys, pack(cube_ijk[:, None, :] + corner_offsets(active_keys.device)[None],
+                                                size)) >= 0
+    return cube_ijk[~corner_is_inside.all(1)]
 
-    # 3. attributes of the candidate cubes' vertices (defaults where no active voxel touches them)
-    found = lookup(active_keys, pack(vertex_ijk, size))
-    defaults = torch.zeros(num_attr, device=device)
-    defaults[0] = 1.0                                      # outside
-    vertex_attr = torch.where((found >= 0)[:, None], active_attr[found.clamp(min=0)], defaults)
-    positions = deformed_positions(vertex_ijk, vertex_attr[:, 1:4], R)
-    sdf = vertex_attr[:, 0]
-    colors = torch.sigmoid(vertex_attr[:, 4:]) if use_color else None
 
-    # per-cube weights: active voxels carry theirs, the others raw zeros
+def _cube_weights(coords: torch.Tensor, feats: torch.Tensor, cube_ijk: torch.Tensor, size: int) -> torch.Tensor:
+    """Raw FlexiCubes weights [C, 21] per cube: the active voxels carry theirs, the others zeros."""
     voxel_keys, voxel_order = torch.sort(pack(coords, size))
     cube_hit = lookup(voxel_keys, pack(cube_ijk, size))
-    weights = torch.zeros(cube_ijk.shape[0], 21, device=device)
+    weights = torch.zeros(cube_ijk.shape[0], 21, device=feats.device)
     has = cube_hit >= 0
     weights[has] = feats[voxel_order[cube_hit[has]], WEIGHTS]
+    return weights
 
-    result = flexicubes_extract(positions, sdf, cube_corners, beta=weights[:, :12], alpha=weights[:, 12:20],
-                                gamma=weights[:, 20], vertex_attributes=colors)
-    vertices, faces, attrs = result
-    if drop_unused_vertices and faces.numel():
-        used = torch.zeros(vertices.shape[0], dtype=torch.bool, device=device)
-        used[faces.reshape(-1)] = True
-        remap = torch.cumsum(used.long(), 0) - 1
-        vertices, faces = vertices[used], remap[faces]
-        attrs = attrs[used] if attrs is not None else None
-    mesh_colors = None
-    if attrs is not None:
-        mesh_colors = srgb_to_linear(attrs[:, :3]).cpu().numpy().astype(np.float32)
-    return Mesh(vertices=vertices.cpu().numpy().astype(np.float32),
-                faces=faces.cpu().numpy().astype(np.int32), colors=mesh_colors)
+
+def _drop_unused_vertices(vertices: torch.Tensor, faces: torch.Tensor, attrs: Optional[torch.Tensor]):
+    """Removes the vertices no face uses (and their attributes), renumbering the faces."""
+    used = torch.zeros(vertices.shape[0], dtype=torch.bool, device=vertices.device)
+    used[faces.reshape(-1)] = True
+    remap = torch.cumsum(used.long(), 0) - 1
+    return vertices[used], remap[faces], attrs[used] if attrs is not None else None
