@@ -398,6 +398,23 @@ def test_labels_show_a_message_up_to_its_first_full_stop():
     assert first_sentence("No full stop at all") == "No full stop at all"
 
 
+def test_default_settings_are_the_engines_defaults(scene, monkeypatch):
+    """The add-on passes the engine what the user set, in the user's spellings; untouched panel and
+    preferences give exactly the engine's default settings (no default is restated on the way)."""
+    from ss4d_blender.blender import jobs
+    from ss4d_blender.engine.api import GenerateSettings
+
+    monkeypatch.setattr(preferences, "HEADLESS", preferences.HeadlessPreferences())
+    assert GenerateSettings.from_user(**jobs.engine_settings(bpy.context)) == GenerateSettings()
+    # the stand-in preferences have the add-on preferences' fields and defaults
+    assert {k: v for k, v in vars(preferences.HEADLESS).items() if k != "online_access"} == \
+        preferences.property_defaults(preferences.SS4D_AddonPreferences)
+    scene.ss4d.steps, scene.ss4d.guidance = 12, 3.5
+    preferences.HEADLESS.mesh_decoder, preferences.HEADLESS.revision = "none", "abc123"
+    settings = GenerateSettings.from_user(**jobs.engine_settings(bpy.context))
+    assert (settings.steps, settings.cfg, settings.mesh_decoder, settings.revision) == (12, 3.5, None, "abc123")
+
+
 def test_without_online_access_nothing_touches_the_network(scene):
     """Blender's 'Allow Online Access' off: the worker runs with HF_HUB_OFFLINE=1 and the two operators that
     download (weights, runtime) refuse with a message, changing nothing."""

@@ -1,12 +1,14 @@
 """Add-on preferences: device, precision, weights source, cache, runtime environment."""
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import bpy
@@ -143,27 +145,6 @@ def runtime_directory() -> Path:
     return user_directory() / "runtime"
 
 
-@dataclass
-class HeadlessPreferences:
-    """Stands in for the add-on preferences when the package is registered directly (the headless
-    command, tests): same fields, set from the command line."""
-
-    device: str = "auto"
-    precision: str = "auto"
-    pipeline: str = hub.SS4D_REPO
-    revision: str = ""
-    mesh_decoder: str = "auto"
-    cache_dir: str = ""
-    python: str = ""
-    runtime_flavour: str = "cpu"
-    status: str = ""
-    # the headless command was started on purpose by the user: downloads follow HF_HUB_OFFLINE only
-    online_access: bool = True
-
-
-HEADLESS = HeadlessPreferences()
-
-
 def get(context=None):
     """The add-on preferences, or `HEADLESS` when the add-on is not enabled as an extension."""
     context = context or bpy.context
@@ -240,6 +221,30 @@ class SS4D_AddonPreferences(bpy.types.AddonPreferences):
         if self.status:
             layout.label(text=self.status)
 
+
+def property_defaults(cls) -> dict:
+    """The default of every property a Blender class declares (an enum without one: its first item)."""
+    defaults = {}
+    for name, prop in inspect.get_annotations(cls, eval_str=True).items():
+        keywords = getattr(prop, "keywords", {})
+        if "default" in keywords:
+            defaults[name] = keywords["default"]
+        elif prop.function is EnumProperty:
+            items = keywords["items"]
+            defaults[name] = (items if isinstance(items, list) else device_items(None))[0][0]
+    return defaults
+
+
+class HeadlessPreferences(SimpleNamespace):
+    """Stands in for the add-on preferences when the package is registered directly (the headless
+    command, tests): the same fields with the same defaults, set from the command line."""
+
+    def __init__(self, **changes):
+        # the headless command was started on purpose by the user: downloads follow HF_HUB_OFFLINE only
+        super().__init__(**{**property_defaults(SS4D_AddonPreferences), "online_access": True, **changes})
+
+
+HEADLESS = HeadlessPreferences()
 
 CLASSES = (SS4D_AddonPreferences,)
 
