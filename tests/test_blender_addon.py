@@ -330,7 +330,7 @@ def test_drawing_never_waits_for_the_runtime_or_the_disk(scene, tmp_path, monkey
 
     def slow(kind, answer):
         def probe(*args, **kwargs):
-            calls.append((kind, threading.current_thread()))
+            calls.append((kind, threading.current_thread(), str(args)))
             time.sleep(1.0)
             return answer
         return probe
@@ -349,8 +349,8 @@ def test_drawing_never_waits_for_the_runtime_or_the_disk(scene, tmp_path, monkey
     assert "ss4d.generate" in panel.operators
     preferences.RUNTIME.wait()
     preferences.WEIGHTS_STATUS.wait()
-    assert {kind for kind, _ in calls} == {"runtime", "weights"}
-    assert threading.main_thread() not in {thread for _, thread in calls}
+    assert {kind for kind, _, _ in calls} == {"runtime", "weights"}
+    assert threading.main_thread() not in {thread for _, thread, _ in calls}
     fake.layout = RecordingLayout()
     preferences.SS4D_AddonPreferences.draw(fake, bpy.context)
     assert ("Not installed yet", "ERROR") in fake.layout.labels
@@ -358,7 +358,8 @@ def test_drawing_never_waits_for_the_runtime_or_the_disk(scene, tmp_path, monkey
     panel = RecordingLayout()
     panels._draw_run(panel, bpy.context)
     assert ("SS4D: not on disk (probed)", "NONE") in panel.labels
-    assert len(calls) == 2   # one question each: the answers are kept for the next draws (and shared by both)
+    # one question per key: the answers are kept for the next draws (and shared by the panel and preferences)
+    assert len(calls) == len({(kind, key) for kind, _, key in calls})
 
 
 def test_panel_names_a_refused_strip_in_full(scene, tmp_path):

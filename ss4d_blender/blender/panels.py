@@ -69,8 +69,12 @@ def _draw_run(layout, context):
         layout.progress(factor=s.progress, type="BAR", text=f"{s.stage} {s.progress:.0%}")
         layout.operator("ss4d.cancel", icon="CANCEL")
     else:
-        status = preferences.weights_status(preferences.get(context)) or []
-        missing = [line for ready, line in status if not ready]
+        prefs = preferences.get(context)
+        runtime = preferences.runtime_info(prefs)
+        if runtime is not None and runtime.python is None:
+            layout.label(text="PyTorch runtime not installed: Preferences > Add-ons > SS4D > Install Runtime",
+                         icon="ERROR")
+        missing = [line for ready, line in preferences.weights_status(prefs) or [] if not ready]
         if missing:
             layout.label(text="Weights not on disk: Preferences > Add-ons > SS4D > Download Weights", icon="ERROR")
             for line in missing:
