@@ -2,58 +2,55 @@
 cluster that fits badly is split in two (the initialisation of Le & Deng 2012 / 2014, grown one split
 at a time so that the bone count can be chosen automatically).
 
-Shapes: rest [V, 3], frames [T, V, 3], labels [V] (bone of each vertex), transforms [T, B, 3, 4].
+Shapes: `Trajectories` of V vertices over T frames, labels [V] (bone of each vertex), transforms [T, B, 3, 4].
 """
 from __future__ import annotations
 
 import torch
 
-from .skinning import bone_errors, weighted_rigid_fit
+from .skinning import Trajectories, bone_errors, weighted_rigid_fit
 
 
-def fit_clusters(rest: torch.Tensor, frames: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+def rigid_fit(traj: Trajectories, members: torch.Tensor) -> torch.Tensor:
+    """The least-squares rigid motion of some vertices -> [T, 3, 4]."""
+    ones = torch.ones(len(members), dtype=traj.rest.dtype, device=traj.rest.device)
+    return weighted_rigid_fit(traj.rest[members], traj.by_vertex[members], ones)
+
+
+def fit_clusters(traj: Trajectories, labels: torch.Tensor, count: int) -> torch.Tensor:
     """The least-squares rigid motion of each cluster -> [T, count, 3, 4]."""
-    fits = []
-    for b in range(count):
-        members = torch.nonzero(labels == b).squeeze(1)
-        ones = torch.ones(len(members), dtype=rest.dtype, device=rest.device)
-        fits.append(weighted_rigid_fit(rest[members], frames[:, members], ones))
-    return torch.stack(fits, 1)
+    return torch.stack([rigid_fit(traj, torch.nonzero(labels == b).squeeze(1)) for b in range(count)], 1)
 
 
-def relabel(rest: torch.Tensor, frames: torch.Tensor, transforms: torch.Tensor, min_size: int,
+def relabel(traj: Trajectories, transforms: torch.Tensor, min_size: int,
             iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alternates assigning each vertex to its best bone and refitting the bones (rigid k-means); clusters
     smaller than `min_size` are dissolved. Returns labels [V], transforms [T, B', 3, 4], errors [V]."""
     for _ in range(iterations):
-        errors = bone_errors(rest, frames, transforms)                          # [V, B]
+        errors = bone_errors(traj, transforms)                                  # [V, B]
         labels = errors.argmin(1)
         sizes = torch.bincount(labels, minlength=transforms.shape[1])
         keep = sizes >= min_size
         if not bool(keep.all()):
             transforms = transforms[:, keep]
-            labels = bone_errors(rest, frames, transforms).argmin(1)
+            labels = bone_errors(traj, transforms).argmin(1)
         previous = transforms
-        transforms = fit_clusters(rest, frames, labels, transforms.shape[1])
+        transforms = fit_clusters(traj, labels, transforms.shape[1])
         if torch.allclose(previous, transforms, atol=1e-6):
             break
-    errors = bone_errors(rest, frames, transforms)
-    best, labels = errors.min(1)
+    best, labels = bone_errors(traj, transforms).min(1)
     return labels, transforms, best
 
 
-def split_cluster(rest: torch.Tensor, frames: torch.Tensor, labels: torch.Tensor, errors: torch.Tensor,
+def split_cluster(traj: Trajectories, labels: torch.Tensor, errors: torch.Tensor,
                   bone: int) -> torch.Tensor:
     """Splits one cluster: the vertex it explains worst seeds a new bone, fitted to the half of the cluster
     nearest to that vertex; the old bone is refitted to the other half. Returns the two motions [T, 2, 3, 4]."""
     members = torch.nonzero(labels == bone).squeeze(1)
     seed = members[errors[members].argmax()]
-    distance = (rest[members] - rest[seed]).norm(dim=1)
+    distance = (traj.rest[members] - traj.rest[seed]).norm(dim=1)
     near = distance <= distance.median()
-    ones = torch.ones(len(members), dtype=rest.dtype, device=rest.device)
-    new = weighted_rigid_fit(rest[members[near]], frames[:, members[near]], ones[near])
-    old = weighted_rigid_fit(rest[members[~near]], frames[:, members[~near]], ones[~near])
-    return torch.stack([old, new], 1)
+    return torch.stack([rigid_fit(traj, members[~near]), rigid_fit(traj, members[near])], 1)
 
 
 def rms_of(errors: torch.Tensor, num_frames: int) -> float:
@@ -61,7 +58,7 @@ def rms_of(errors: torch.Tensor, num_frames: int) -> float:
     return float((errors.sum() / (errors.numel() * num_frames)).sqrt())
 
 
-def grow(rest: torch.Tensor, frames: torch.Tensor, transforms: torch.Tensor, labels: torch.Tensor,
+def grow(traj: Trajectories, transforms: torch.Tensor, labels: torch.Tensor,
          errors: torch.Tensor, splits: int, min_size: int, iterations: int
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Splits the `splits` clusters with the largest total error (those big enough to halve), then
@@ -75,13 +72,13 @@ def grow(rest: torch.Tensor, frames: torch.Tensor, transforms: torch.Tensor, lab
         return labels, transforms, errors
     kept, added = transforms.clone(), []
     for b in order:
-        pair = split_cluster(rest, frames, labels, errors, b)
+        pair = split_cluster(traj, labels, errors, b)
         kept[:, b] = pair[:, 0]
         added.append(pair[:, 1:])
-    return relabel(rest, frames, torch.cat([kept] + added, 1), min_size, iterations)
+    return relabel(traj, torch.cat([kept, *added], 1), min_size, iterations)
 
 
-def merge_cheapest(rest: torch.Tensor, frames: torch.Tensor, labels: torch.Tensor, transforms: torch.Tensor,
+def merge_cheapest(traj: Trajectories, labels: torch.Tensor, transforms: torch.Tensor,
                    errors: torch.Tensor, edges: torch.Tensor, min_size: int, iterations: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merges the two touching clusters (a mesh edge between them) whose union a single rigid motion
@@ -94,9 +91,8 @@ def merge_cheapest(rest: torch.Tensor, frames: torch.Tensor, labels: torch.Tenso
     best, best_cost = None, None
     for i, j in pairs.tolist():
         members = torch.nonzero((labels == i) | (labels == j)).squeeze(1)
-        ones = torch.ones(len(members), dtype=rest.dtype, device=rest.device)
-        motion = weighted_rigid_fit(rest[members], frames[:, members], ones)
-        cost = float(bone_errors(rest[members], frames[:, members], motion[:, None]).sum() - errors[members].sum())
+        motion = rigid_fit(traj, members)
+        cost = float(bone_errors(traj.subset(members), motion[:, None]).sum() - errors[members].sum())
         if best_cost is None or cost < best_cost:
             best, best_cost = (i, j, motion), cost
     i, j, motion = best
@@ -104,20 +100,20 @@ def merge_cheapest(rest: torch.Tensor, frames: torch.Tensor, labels: torch.Tenso
     keep[j] = False
     merged = transforms.clone()
     merged[:, i] = motion
-    return relabel(rest, frames, merged[:, keep], min_size, iterations)
+    return relabel(traj, merged[:, keep], min_size, iterations)
 
 
-def refine(rest: torch.Tensor, frames: torch.Tensor, labels: torch.Tensor, transforms: torch.Tensor,
+def refine(traj: Trajectories, labels: torch.Tensor, transforms: torch.Tensor,
            errors: torch.Tensor, edges: torch.Tensor, min_size: int, iterations: int, rounds: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Escapes poor local minima of the clustering at a fixed bone count: splits the worst cluster and
     merges the cheapest touching pair, kept while the total error drops."""
     for _ in range(rounds):
         B = transforms.shape[1]
-        split = grow(rest, frames, transforms, labels, errors, 1, min_size, iterations)
+        split = grow(traj, transforms, labels, errors, 1, min_size, iterations)
         if split[1].shape[1] <= B:
             break
-        trial = merge_cheapest(rest, frames, *split, edges, min_size, iterations)
+        trial = merge_cheapest(traj, *split, edges, min_size, iterations)
         if trial[1].shape[1] != B or float(trial[2].sum()) >= 0.999 * float(errors.sum()):
             break
         labels, transforms, errors = trial

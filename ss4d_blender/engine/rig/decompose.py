@@ -25,7 +25,7 @@ from .bone_motion import update_bones
 from .clustering import fit_clusters, grow, refine, relabel, rms_of
 from .rig_file import Rig
 from .skeleton import build_skeleton
-from .skinning import identity_transforms, skin
+from .skinning import Trajectories, apply_matrices, blend_matrices, identity_transforms, skin
 from .weights import solve_weights
 
 
@@ -42,7 +42,7 @@ class RigSettings:
     trial_iterations: int = 1            # ... when trying a count
     cluster_iterations: int = 8          # rigid k-means passes after each split
     refine_rounds: int = 3               # split-and-merge attempts at a candidate bone count
-    qp_iterations: int = 60              # projected-gradient steps of a weight step
+    qp_iterations: int = 5               # projected-gradient steps polishing a weight step
     min_cluster: float = 0.002           # smallest bone at the start, share of the vertices (at least 4)
     static_motion: float = 1e-6          # motion below this × diagonal is no motion
 
@@ -77,56 +77,55 @@ def check_animation(vertices: np.ndarray, faces: np.ndarray, rest: np.ndarray) -
         raise InputError("The rest pose has no extent (all vertices at one point).")
 
 
-def initial_bones(rest: torch.Tensor, frames: torch.Tensor, edges: torch.Tensor, neighbours: MeshNeighbours,
+def initial_bones(traj: Trajectories, edges: torch.Tensor, neighbours: MeshNeighbours,
                   settings: RigSettings, report: Callable[[float], None]) -> tuple[torch.Tensor, torch.Tensor]:
     """Grows rigid clusters until the bone count is reached (fixed count) or a trial solve of the weights
     meets `target_rms` (automatic). Returns weights [V, B] and transforms [T, B, 3, 4]."""
-    T, V, _ = frames.shape
+    V, T, _ = traj.by_vertex.shape
     auto, limit = settings.bones is None, settings.bones or settings.max_bones
     min_size, passes = max(4, int(settings.min_cluster * V)), settings.cluster_iterations
-    labels = torch.zeros(V, dtype=torch.long, device=rest.device)
-    labels, transforms, errors = relabel(rest, frames, fit_clusters(rest, frames, labels, 1), min_size, 1)
+    labels = torch.zeros(V, dtype=torch.long, device=traj.rest.device)
+    labels, transforms, errors = relabel(traj, fit_clusters(traj, labels, 1), min_size, 1)
     target = settings.target_rms / 100
     while True:
         B = transforms.shape[1]
         report(min(B / limit, 1.0))
         near = rms_of(errors, T) <= 3 * target if auto else False
         if near or B >= limit:
-            labels, transforms, errors = refine(rest, frames, labels, transforms, errors, edges, min_size, passes,
+            labels, transforms, errors = refine(traj, labels, transforms, errors, edges, min_size, passes,
                                                 settings.refine_rounds)
-        weights = torch.nn.functional.one_hot(labels, B).to(rest.dtype)
+        weights = torch.nn.functional.one_hot(labels, B).to(traj.rest.dtype)
         if auto and rms_of(errors, T) <= target:
             return weights, transforms
         if auto and (near or B >= limit):
-            weights, trial = alternate(rest, frames, weights, transforms, neighbours, settings,
-                                       settings.trial_iterations)
-            if float(lbs_errors(rest, frames, weights, trial)[0].pow(2).mean().sqrt()) <= target:
+            weights, trial = alternate(traj, weights, transforms, neighbours, settings, settings.trial_iterations)
+            if float(lbs_errors(traj, weights, trial)[0].pow(2).mean().sqrt()) <= target:
                 return weights, trial
         if B >= limit:
             return weights, transforms
         splits = min(limit - B, 1 if near else max(1, B // 2))
-        labels, grown, errors = grow(rest, frames, transforms, labels, errors, splits, min_size, passes)
+        labels, grown, errors = grow(traj, transforms, labels, errors, splits, min_size, passes)
         if grown.shape[1] <= B:                     # nothing left to split (clusters too small)
-            return torch.nn.functional.one_hot(labels, grown.shape[1]).to(rest.dtype), grown
+            return torch.nn.functional.one_hot(labels, grown.shape[1]).to(traj.rest.dtype), grown
         transforms = grown
 
 
-def alternate(rest, frames, weights, transforms, neighbours, settings: RigSettings, iterations: int,
+def alternate(traj: Trajectories, weights, transforms, neighbours, settings: RigSettings, iterations: int,
               report: Optional[Callable[[float], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`iterations` rounds of a weight step then a bone step."""
     for i in range(iterations):
-        weights = solve_weights(rest, frames, transforms, weights, neighbours, settings.smoothness,
+        weights = solve_weights(traj, transforms, weights, neighbours, settings.smoothness,
                                 settings.max_influences, settings.candidates, settings.qp_iterations)
-        transforms = update_bones(rest, frames, weights, transforms)
+        transforms = update_bones(traj, weights, transforms)
         if report is not None:
             report((i + 1) / iterations)
     return weights, transforms
 
 
-def lbs_errors(rest, frames, weights, transforms) -> tuple[torch.Tensor, torch.Tensor]:
+def lbs_errors(traj: Trajectories, weights, transforms) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame RMS and max vertex error [T] each, in the normalised (unit-diagonal) units."""
-    distance = (skin(weights, transforms, rest) - frames).norm(dim=2)         # [T, V]
-    return distance.pow(2).mean(1).sqrt(), distance.max(1).values
+    distance = (skin(weights, transforms, traj.rest) - traj.by_vertex).norm(dim=2)     # [V, T]
+    return distance.pow(2).mean(0).sqrt(), distance.max(0).values
 
 
 def drop_unused(weights: torch.Tensor, transforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,19 +133,17 @@ def drop_unused(weights: torch.Tensor, transforms: torch.Tensor) -> tuple[torch.
     return weights[:, used], transforms[:, used]
 
 
-def corrective_offsets(rest, frames, weights, transforms) -> torch.Tensor:
+def corrective_offsets(traj: Trajectories, weights, transforms) -> torch.Tensor:
     """Rest-pose offsets δ_t [T, V, 3] with Σ_b w_vb M_tb [p_v + δ_tv, 1] = v_tv exactly:
     δ_t = (Σ_b w_vb R_tb)⁻¹ (v_t - LBS_t(p))."""
-    from .skinning import apply_matrices, blend_matrices
-
-    blended = blend_matrices(weights, transforms)                              # [T, V, 3, 4]
-    residual = frames - apply_matrices(blended, rest)                          # [T, V, 3]
+    blended = blend_matrices(weights, transforms)                              # [V, T, 3, 4]
+    residual = traj.by_vertex - apply_matrices(blended, traj.rest)             # [V, T, 3]
     A = blended[..., :3].double()
     delta, info = torch.linalg.solve_ex(A, residual.double()[..., None])
     singular = info != 0
     if bool(singular.any()):
         delta[singular] = torch.linalg.pinv(A[singular]) @ residual.double()[singular][..., None]
-    return delta.squeeze(-1).to(rest.dtype)
+    return delta.squeeze(-1).transpose(0, 1).to(traj.rest.dtype)
 
 
 def fit_rig(vertices: np.ndarray, faces: np.ndarray, rest_vertices: Optional[np.ndarray] = None,
@@ -183,31 +180,33 @@ def fit_rig(vertices: np.ndarray, faces: np.ndarray, rest_vertices: Optional[np.
     X = torch.as_tensor((vertices - centre) / diagonal, dtype=torch.float32, device=dev)
     F = torch.as_tensor(faces.astype(np.int64), device=dev)
     T, V, _ = X.shape
-    if float((X - P).norm(dim=2).max()) <= settings.static_motion:
+    traj = Trajectories.from_frames(P, X)
+    del X
+    if float((traj.by_vertex - P[:, None]).norm(dim=2).max()) <= settings.static_motion:
         W, M, chosen = torch.ones(V, 1, device=dev), identity_transforms(T, 1, P), "static"
     else:
         neighbours = MeshNeighbours(F, V, torch.float32)
-        W, M = initial_bones(P, X, unique_edges(F), neighbours, settings, lambda f: report(f, 0.0, 0.5))
-        W, M = alternate(P, X, W, M, neighbours, settings, settings.iterations, lambda f: report(f, 0.5, 0.95))
+        W, M = initial_bones(traj, unique_edges(F), neighbours, settings, lambda f: report(f, 0.0, 0.5))
+        W, M = alternate(traj, W, M, neighbours, settings, settings.iterations, lambda f: report(f, 0.5, 0.95))
         W, M = drop_unused(W, M)
         chosen = "given" if settings.bones else "auto"
-    rms, worst = lbs_errors(P, X, W, M)
+    rms, worst = lbs_errors(traj, W, M)
     skeleton = build_skeleton(P.cpu(), F.cpu(), W.cpu(), M.cpu())
-    delta = corrective_offsets(P, X, W, M) * diagonal if settings.correctives else None
+    delta = corrective_offsets(traj, W, M) * diagonal if settings.correctives else None
     report(1.0)
-    return _to_model_units(P, F, W, M, skeleton, rms, worst, delta, centre, diagonal,
+    return _to_model_units(rest, F, W, M, skeleton, rms, worst, delta, centre, diagonal,
                            {"bone_count": chosen, "seconds": time.perf_counter() - started, "device": str(dev)})
 
 
-def _to_model_units(P, F, W, M, skeleton, rms, worst, delta, centre, diagonal, info) -> Rig:
-    """The rig in the animation's own coordinates: x = diagonal · x_n + centre."""
+def _to_model_units(rest, F, W, M, skeleton, rms, worst, delta, centre, diagonal, info) -> Rig:
+    """The rig in the animation's own coordinates (x = diagonal · x_n + centre), on the given rest pose."""
     T, B = M.shape[:2]
     R, t = M[..., :3].double().cpu().numpy(), M[..., 3].double().cpu().numpy()
     out = np.zeros((T, B, 4, 4))
     out[..., :3, :3] = R
     out[..., :3, 3] = diagonal * t + centre - R @ centre
     out[..., 3, 3] = 1
-    return Rig(rest_vertices=(P.double().cpu().numpy() * diagonal + centre).astype(np.float32),
+    return Rig(rest_vertices=np.asarray(rest, np.float32),
                faces=F.cpu().numpy().astype(np.int32),
                weights=W.cpu().numpy().astype(np.float32),
                transforms=out.astype(np.float32),

@@ -7,15 +7,14 @@ and b_v [3T] its trajectory; the step minimises
 
     |A_v w - b_v|² + λ |w - w̄_v|²   subject to  w ≥ 0,  Σ w = 1,  at most `max_influences` non-zero,
 
-with w̄_v the mean of the neighbours' current weights, by accelerated projected gradient on the simplex,
-batched over all vertices.
+with w̄_v the mean of the neighbours' current weights, by an active set method batched over all vertices.
 """
 from __future__ import annotations
 
 import torch
 
 from ..registration.geometry import MeshNeighbours
-from .skinning import bone_errors
+from .skinning import Trajectories, bone_errors
 
 CHUNK = 4096            # vertices per block when forming the per-vertex normal equations
 
@@ -32,48 +31,70 @@ def project_to_simplex(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return torch.where(allowed, (x - theta).clamp_min(0), torch.zeros_like(x))
 
 
-def normal_equations(rest: torch.Tensor, frames: torch.Tensor, transforms: torch.Tensor,
+def normal_equations(traj: Trajectories, transforms: torch.Tensor, cross: torch.Tensor,
                      candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """G_v = A_vᵀA_v [V, K, K] and h_v = A_vᵀb_v [V, K] for the candidate bones [V, K]."""
+    """G_v = A_vᵀA_v [V, K, K] and h_v = A_vᵀb_v [V, K] for the candidate bones [V, K], from sums over the
+    frames per pair of bones: (A_vᵀA_v)_kl = pᵀ(Σ_t R_kᵀR_l)p + pᵀΣ_t(R_kᵀt_l + R_lᵀt_k) + Σ_t t_k·t_l;
+    h_v is the `cross` product [V, B] of the candidates."""
+    R, t = transforms[..., :3], transforms[..., 3]
+    RR = torch.einsum("tkai,tlaj->klij", R, R)                                 # [B, B, 3, 3]
+    Rt = torch.einsum("tkai,tla->kli", R, t)                                   # [B, B, 3]
+    tt = torch.einsum("tka,tla->kl", t, t)                                     # [B, B]
     V, K = candidates.shape
-    G = rest.new_empty(V, K, K)
-    h = rest.new_empty(V, K)
+    G = traj.rest.new_empty(V, K, K)
     for start in range(0, V, CHUNK):
-        idx = slice(start, start + CHUNK)
-        M = transforms[:, candidates[idx]]                                     # [T, n, K, 3, 4]
-        A = torch.einsum("tnkij,nj->tnki", M[..., :3], rest[idx]) + M[..., 3]  # [T, n, K, 3]
-        A = A.permute(1, 2, 0, 3).flatten(2)                                   # [n, K, 3T]
-        b = frames[:, idx].permute(1, 0, 2).flatten(1)                         # [n, 3T]
-        G[idx] = A @ A.transpose(1, 2)
-        h[idx] = (A @ b[:, :, None]).squeeze(2)
-    return G, h
+        c, p = candidates[start:start + CHUNK], traj.rest[start:start + CHUNK]
+        k, m = c[:, :, None], c[:, None, :]
+        quadratic = torch.einsum("ni,nklij,nj->nkl", p, RR[k, m], p)
+        linear = ((Rt[k, m] + Rt[m, k]) * p[:, None, None, :]).sum(-1)
+        G[start:start + CHUNK] = quadratic + linear + tt[k, m]
+    return G, cross.gather(1, candidates)
 
 
-def solve_simplex_qp(G: torch.Tensor, h: torch.Tensor, prior: torch.Tensor, lam: float, start: torch.Tensor,
-                     allowed: torch.Tensor, iterations: int) -> torch.Tensor:
-    """min wᵀGw - 2hᵀw + λ|w - prior|² on the (masked) simplex, per row: FISTA with a step from the largest
-    eigenvalue of G + λI (power iteration). G [N, K, K]; h, prior, start, allowed [N, K] -> w [N, K]."""
-    Q = G + lam * torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
+def solve_on_support(Q: torch.Tensor, c: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """min wᵀQw - 2cᵀw with Σ w = 1 and w = 0 off the active set, per row, from the KKT system
+    [Q 1; 1ᵀ 0] [w; ν] = [c; 1] restricted to the active set (other rows read w_i = 0). -> w [N, K]."""
+    N, K = c.shape
+    a = active.to(Q.dtype)
+    system = Q.new_zeros(N, K + 1, K + 1)
+    system[:, :K, :K] = Q * a[:, :, None] * a[:, None, :] + torch.diag_embed(1 - a)
+    system[:, :K, K] = a
+    system[:, K, :K] = a
+    rhs = torch.cat([c * a, torch.ones_like(c[:, :1])], 1)
+    return torch.linalg.solve(system, rhs[..., None])[:, :K, 0]
+
+
+def solve_simplex_qp(G: torch.Tensor, h: torch.Tensor, prior: torch.Tensor, lam: float, allowed: torch.Tensor,
+                     polish: int) -> torch.Tensor:
+    """min wᵀGw - 2hᵀw + λ|w - prior|² on the simplex restricted to `allowed`, per row. An active set
+    method (solve on the support, drop the most negative weight, repeat), then `polish` steps of projected
+    gradient. G [N, K, K]; h, prior, allowed [N, K] -> w [N, K]."""
+    K = G.shape[1]
+    Q = G + lam * torch.eye(K, dtype=G.dtype, device=G.device)
     c = h + lam * prior
+    active = allowed.clone()
+    for _ in range(K):
+        w = solve_on_support(Q, c, active)
+        negative = (w < 0) & active
+        if not bool(negative.any()):
+            break
+        worst = torch.where(negative, w, torch.zeros_like(w)).argmin(1, keepdim=True)
+        drop = torch.zeros_like(active).scatter_(1, worst, True) & negative.any(1, keepdim=True)
+        active &= ~drop
+    w = project_to_simplex(w, active)
     x = torch.ones_like(h)
-    for _ in range(12):
+    for _ in range(8):                                                         # largest eigenvalue of Q
         x = torch.nn.functional.normalize((Q @ x[:, :, None]).squeeze(2), dim=1)
     step = 1.0 / ((Q @ x[:, :, None]).squeeze(2).norm(dim=1, keepdim=True) * 1.05 + 1e-12)
-    w = project_to_simplex(start, allowed)
-    y, momentum = w, 1.0
-    for _ in range(iterations):
-        gradient = (Q @ y[:, :, None]).squeeze(2) - c
-        w_next = project_to_simplex(y - step * gradient, allowed)
-        momentum_next = 0.5 * (1 + (1 + 4 * momentum * momentum) ** 0.5)
-        y = w_next + ((momentum - 1) / momentum_next) * (w_next - w)
-        w, momentum = w_next, momentum_next
+    for _ in range(polish):
+        w = project_to_simplex(w - step * ((Q @ w[:, :, None]).squeeze(2) - c), allowed)
     return w
 
 
-def solve_weights(rest: torch.Tensor, frames: torch.Tensor, transforms: torch.Tensor, weights: torch.Tensor,
+def solve_weights(traj: Trajectories, transforms: torch.Tensor, weights: torch.Tensor,
                   neighbours: MeshNeighbours, smoothness: float, max_influences: int, candidates: int,
                   iterations: int) -> torch.Tensor:
-    """One weight step. rest [V, 3], frames [T, V, 3], transforms [T, B, 3, 4], current weights [V, B]
+    """One weight step. Trajectories of V vertices, transforms [T, B, 3, 4], current weights [V, B]
     -> new weights [V, B], each row with at most `max_influences` non-zero entries summing to 1.
 
     Candidates are the bones that move the vertex best on their own, plus its current bones; λ is
@@ -81,19 +102,20 @@ def solve_weights(rest: torch.Tensor, frames: torch.Tensor, transforms: torch.Te
     vertex by less than about √smoothness of the diagonal is decided by the neighbours."""
     T, B = transforms.shape[:2]
     K = min(candidates, B)
-    errors = bone_errors(rest, frames, transforms)                             # [V, B]
+    cross = traj.cross(transforms)
+    errors = bone_errors(traj, transforms, cross)                              # [V, B]
     errors = errors - errors.max() * (weights > 0)                             # current bones first
     cand = errors.topk(K, dim=1, largest=False).indices                        # [V, K]
-    G, h = normal_equations(rest, frames, transforms, cand)
+    G, h = normal_equations(traj, transforms, cross, cand)
     lam = smoothness * T
     degree = neighbours.degree[:, None]
     prior_dense = torch.where(degree > 0, neighbours.sum(weights) / degree.clamp_min(1), weights)
     prior = prior_dense.gather(1, cand)
     allowed = torch.ones_like(cand, dtype=torch.bool)
-    w = solve_simplex_qp(G, h, prior, lam, weights.gather(1, cand), allowed, iterations)
+    w = solve_simplex_qp(G, h, prior, lam, allowed, iterations)
     if K > max_influences:
         top = w.topk(max_influences, dim=1).indices
         allowed = torch.zeros_like(allowed).scatter_(1, top, True)
-        w = solve_simplex_qp(G, h, prior, lam, w, allowed, iterations // 2)
+        w = solve_simplex_qp(G, h, prior, lam, allowed, iterations)
     out = torch.zeros_like(weights).scatter_(1, cand, w)
     return out / out.sum(1, keepdim=True).clamp_min(1e-12)
