@@ -89,10 +89,16 @@ def refused(operator=None, **kwargs) -> str:
 
 
 def test_register_unregister_leaves_nothing_behind(addon):
-    names = lambda: {n for n in dir(bpy.types) if n.startswith("SS4D")}  # noqa: E731
-    handlers = lambda: {k: len(getattr(bpy.app.handlers, k)) for k in dir(bpy.app.handlers) if not k.startswith("_") and isinstance(getattr(bpy.app.handlers, k), list)}  # noqa: E731
+    def names():
+        return {n for n in dir(bpy.types) if n.startswith("SS4D")}
+
+    def handlers():
+        lists = [k for k in dir(bpy.app.handlers) if not k.startswith("_")
+                 and isinstance(getattr(bpy.app.handlers, k), list)]
+        return {k: len(getattr(bpy.app.handlers, k)) for k in lists}
     registered, handlers_on = names(), handlers()
-    assert {"SS4D_OT_generate", "SS4D_OT_cancel", "SS4D_OT_rebuild_mesh", "SS4D_PT_sequencer", "SS4D_PT_view3d"} <= registered
+    assert {"SS4D_OT_generate", "SS4D_OT_cancel", "SS4D_OT_rebuild_mesh", "SS4D_PT_sequencer",
+            "SS4D_PT_view3d"} <= registered
     assert hasattr(bpy.types.Scene, "ss4d")
     ss4d_blender.unregister()
     assert names() == set() and not hasattr(bpy.types.Scene, "ss4d")

@@ -193,7 +193,7 @@ def close_holes(mesh: Mesh, max_loop_edges: int = 64) -> Mesh:
     """Close every boundary loop of at most ``max_loop_edges`` edges: triangles and quads directly,
     longer loops with a fan around a new vertex at the loop's centroid. New faces continue the
     neighbouring faces' orientation (each boundary edge a->b gets a face using b->a)."""
-    loops = [l for l in boundary_loops(mesh) if len(l) <= max_loop_edges]
+    loops = [loop for loop in boundary_loops(mesh) if len(loop) <= max_loop_edges]
     if not loops:
         return mesh
     verts, cols = [mesh.vertices], [mesh.colors] if mesh.colors is not None else None

@@ -21,7 +21,7 @@ from ..mesh.color import sh_dc_to_rgb, srgb_to_linear
 from ..progress import Progress
 from ..types import AnimatedMesh, GaussianSet, Mesh
 from .deform import Deformer, FitSettings, Target
-from .geometry import SurfaceDistance, face_areas, face_normals
+from .geometry import SurfaceDistance, face_areas
 from .knn import PointGrid
 from .simplify import simplify_to_vertices
 
@@ -59,7 +59,8 @@ def _validate(meshes: Sequence[Mesh]) -> list[bool]:
 
 
 def _area(v: np.ndarray, f: np.ndarray) -> float:
-    return float(face_areas(torch.from_numpy(np.asarray(v, np.float64)), torch.from_numpy(np.asarray(f, np.int64))).sum())
+    vertices, faces = torch.from_numpy(np.asarray(v, np.float64)), torch.from_numpy(np.asarray(f, np.int64))
+    return float(face_areas(vertices, faces).sum())
 
 
 def _has_area(v: np.ndarray, f: np.ndarray) -> bool:
@@ -200,7 +201,7 @@ def register_sequence(meshes: list[Mesh], *, reference_frame: Optional[int] = No
     Frames without a usable mesh copy their neighbour's shape and get fit_error = inf (flagged).
     """
     started = time.perf_counter()
-    gaussians = list(gaussians) if gaussians else None          # an empty list: no Gaussians
+    gaussians = gaussians if gaussians is not None and len(gaussians) else None   # read per frame; empty: none
     usable, reference_frame = _check_inputs(meshes, gaussians, reference_frame)
     num_frames = len(meshes)
     dev = resolve_device(device)
