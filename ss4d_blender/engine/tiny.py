@@ -1,9 +1,10 @@
 """A tiny random-weight pipeline in the official folder layout, for tests and offline demos.
 
 Every network of the real pipeline is present (DINOv2 with registers, 4D structure flow + decoder, 4D
-latent flow, 4D Gaussian decoder, mesh decoder) with the released structural options but a few channels
-and blocks, and RANDOM weights: what it generates is noise. It exercises the whole chain (loading,
-sampling, decoding, meshing, registration, the Blender layer) in seconds on a CPU. `pipeline.json` carries
+latent flow, 4D Gaussian decoder, mesh decoder, and the BiRefNet matting model in `birefnet/`) with the
+released structural options but a few channels and blocks, and RANDOM weights: what it generates is noise.
+It exercises the whole chain (loading, matting, sampling, decoding, meshing, registration, the Blender
+layer) in seconds on a CPU. `pipeline.json` carries
 `"is_random_weights": true`, so results made with it say so.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Union
 import torch
 from safetensors.torch import save_file
 
+from .background import PIPELINE_MATTING_FOLDER, write_tiny_birefnet
 from .loading import build_model
 from .models.dinov2 import DinoV2WithRegisters, save_config, tiny_dinov2_config
 
@@ -94,6 +96,7 @@ def make_tiny_pipeline(folder: Union[str, Path], seed: int = 0) -> Path:
                 p.normal_(0, 0.02)
     save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, str(dino_dir / "model.safetensors"))
     save_config(dino_config, dino_dir)
+    write_tiny_birefnet(folder / PIPELINE_MATTING_FOLDER)  # the folder's own matting model (random weights)
     params = lambda cfg: {"steps": 3, "cfg_strength": cfg, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}  # noqa: E731
     pipeline = {"name": "TrellisVideoTo4DPipeline", "args": {
         "models": {role: f"ckpts/{role}" for role in CONFIGS if role != "slat_decoder_mesh"},

@@ -41,10 +41,7 @@ SIZE_MULTIPLE = 32  # input sides must be multiples of the encoder's coarsest st
 #   "columns": channel = (j * grid_h + i) * 3 + c        (2024 code: patches column by column, colours innermost)
 PATCH_CHANNEL_ORDERS = ("einops", "columns")
 
-DEC_INTER_CHANNELS = 64  # BasicDecBlk width ('fixed')
-ASPP_BRANCH_CHANNELS = 256
 ASPP_KERNELS = (1, 3, 7)  # parallel deformable branches beside the 1x1 one
-IPT_INTER_CHANNELS = 64
 GRADIENT_CHANNELS = 16
 
 
@@ -56,6 +53,10 @@ class BiRefNetConfig:
     window_size: int = 12
     ipt_channels: Optional[tuple[int, int, int, int]] = None  # image-branch widths at x4..x1 (None: channels // 8)
     patch_channel_order: str = "einops"
+    # decoder widths, as released; smaller only in random-weight test models
+    dec_channels: int = 64  # inside every BasicDecBlk ('fixed')
+    aspp_channels: int = 256  # each ASPP branch
+    ipt_inter_channels: int = 64  # inside the image-patch branches
 
     def __post_init__(self):
         if self.patch_channel_order not in PATCH_CHANNEL_ORDERS:
@@ -307,7 +308,7 @@ class ASPPDeformable(nn.Module):
     """Atrous-spatial-pyramid pooling with deformable branches: a 1x1 branch, branches of kernel 1, 3 and 7,
     and the global average, concatenated and fused by a 1x1 conv. [B, C, H, W] -> [B, C, H, W]."""
 
-    def __init__(self, channels: int, branch_channels: int = ASPP_BRANCH_CHANNELS):
+    def __init__(self, channels: int, branch_channels: int):
         super().__init__()
         self.aspp1 = DeformableASPPBranch(channels, branch_channels, 1)
         self.aspp_deforms = nn.ModuleList(DeformableASPPBranch(channels, branch_channels, k) for k in ASPP_KERNELS)
@@ -326,11 +327,11 @@ class ASPPDeformable(nn.Module):
 class BasicDecBlk(nn.Module):
     """conv 3x3 -> BN -> ReLU -> ASPPDeformable -> conv 3x3 -> BN: [B, in, H, W] -> [B, out, H, W]."""
 
-    def __init__(self, in_channels: int, out_channels: int, inter_channels: int = DEC_INTER_CHANNELS):
+    def __init__(self, in_channels: int, out_channels: int, inter_channels: int, aspp_channels: int):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, inter_channels, 3, padding=1)
         self.bn_in = nn.BatchNorm2d(inter_channels)
-        self.dec_att = ASPPDeformable(inter_channels)
+        self.dec_att = ASPPDeformable(inter_channels, aspp_channels)
         self.conv_out = nn.Conv2d(inter_channels, out_channels, 3, padding=1)
         self.bn_out = nn.BatchNorm2d(out_channels)
 
@@ -351,7 +352,7 @@ class LateralBlock(nn.Module):
 class ImageBranch(nn.Module):
     """Two 3x3 convs on the stacked image patches (the reference's `SimpleConvs`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, inter_channels: int = IPT_INTER_CHANNELS):
+    def __init__(self, in_channels: int, out_channels: int, inter_channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, inter_channels, 3, padding=1)
         self.conv_out = nn.Conv2d(inter_channels, out_channels, 3, padding=1)
@@ -398,10 +399,11 @@ class Decoder(nn.Module):
         grids = (32, 16, 8, 4, 1)  # patches per side at x4, x3, x2, x1 and the full image
         ipt_out = (ipt[0], ipt[0], ipt[1], ipt[2], ipt[3])
         for n, grid, width in zip((5, 4, 3, 2, 1), grids, ipt_out):
-            self.add_module(f"ipt_blk{n}", ImageBranch(3 * grid * grid, width))
+            self.add_module(f"ipt_blk{n}", ImageBranch(3 * grid * grid, width, c.ipt_inter_channels))
         dec_out = [ch[1], ch[2], ch[3], ch[3] // 2]
         for n, i in zip((4, 3, 2, 1), range(4)):
-            self.add_module(f"decoder_block{n}", BasicDecBlk(ch[i] + ipt_out[i], dec_out[i]))
+            self.add_module(f"decoder_block{n}", BasicDecBlk(ch[i] + ipt_out[i], dec_out[i], c.dec_channels,
+                                                             c.aspp_channels))
         self.conv_out1 = conv1x1_to_map(dec_out[3] + ipt_out[4])
         for n, i in zip((4, 3, 2), range(3)):
             self.add_module(f"lateral_block{n}", LateralBlock(ch[i + 1], dec_out[i]))
@@ -441,7 +443,8 @@ class BiRefNet(nn.Module):
         self.config = config
         ch = config.channels
         self.bb = SwinTransformer(config)
-        self.squeeze_module = nn.Sequential(BasicDecBlk(sum(ch), ch[0]))  # x4 + 3 context levels -> x4
+        # x4 and the 3 context levels -> x4's width
+        self.squeeze_module = nn.Sequential(BasicDecBlk(sum(ch), ch[0], config.dec_channels, config.aspp_channels))
         self.decoder = Decoder(config)
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -492,8 +495,13 @@ def config_from_state_dict(state: Mapping[str, object], patch_channel_order: str
     if len(windows) != 1:
         raise WeightsError(f"{source}: stages use different window sizes {sorted(windows)}.")
     ipt = tuple(_shape(shapes, f"decoder.ipt_blk{n}.conv_out.weight", source)[0] for n in (5, 3, 2, 1))
-    config = BiRefNetConfig(embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads),
-                            window_size=windows.pop(), ipt_channels=ipt, patch_channel_order=patch_channel_order)
+    block = "decoder.decoder_block4."
+    config = BiRefNetConfig(
+        embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), window_size=windows.pop(),
+        ipt_channels=ipt, patch_channel_order=patch_channel_order,
+        dec_channels=_shape(shapes, block + "conv_in.weight", source)[0],
+        aspp_channels=_shape(shapes, block + "dec_att.aspp1.atrous_conv.regular_conv.weight", source)[0],
+        ipt_inter_channels=_shape(shapes, "decoder.ipt_blk5.conv1.weight", source)[0])
     if ipt == tuple(c // 8 for c in config.channels):  # the current reference's widths
         config = replace(config, ipt_channels=None)
     return config
