@@ -422,6 +422,30 @@ def test_default_settings_are_the_engines_defaults(scene, monkeypatch):
     assert (settings.steps, settings.cfg, settings.mesh_decoder, settings.revision) == (12, 3.5, None, "abc123")
 
 
+def test_background_tasks_run_on_a_thread_and_report_their_status(scene, monkeypatch):
+    """Install Runtime runs its task on a thread (which never gets bpy objects, only a snapshot of the
+    preferences); its status and its error reach the preferences and the operator's report."""
+    from ss4d_blender import runtime_env
+
+    seen = []
+
+    def install(runtime_dir, flavour, progress, log_path, should_stop):
+        seen.append((threading.current_thread(), type(runtime_dir), flavour))
+        progress("Installing torch")
+    monkeypatch.setattr(runtime_env, "install_runtime", install)
+    monkeypatch.setattr(preferences.HEADLESS, "status", "")
+    assert bpy.ops.ss4d.install_runtime() == {"FINISHED"}
+    assert seen == [(seen[0][0], type(preferences.runtime_directory()), preferences.HEADLESS.runtime_flavour)]
+    assert seen[0][0] is not threading.main_thread()
+    assert preferences.HEADLESS.status == "Runtime installed."
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Installing torch failed (see runtime-install.log): no space left on device")
+    monkeypatch.setattr(runtime_env, "install_runtime", fail)
+    assert "no space left on device" in refused(bpy.ops.ss4d.install_runtime)
+    assert preferences.HEADLESS.status.endswith("no space left on device")
+
+
 def test_without_online_access_nothing_touches_the_network(scene):
     """Blender's 'Allow Online Access' off: the worker runs with HF_HUB_OFFLINE=1 and the two operators that
     download (weights, runtime) refuse with a message, changing nothing."""
