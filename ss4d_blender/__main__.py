@@ -1,81 +1,123 @@
 """Headless SS4D: a video (or a folder of frames) in, an animated mesh .blend out, through Blender as a
 Python module and the same operator the add-on's button runs.
 
-    python -m ss4d_blender generate VIDEO -o out.blend [--export out.glb|out.fbx|out.abc] [options]
+    python -m ss4d_blender generate VIDEO -o out.blend [--export out.glb|out.gltf|out.fbx|out.abc] [options]
 
-VIDEO: a movie file Blender can decode (mp4, mov, webm, ...) or a folder of images (PNG with alpha).
+VIDEO: a movie file Blender can decode (mp4, mov, webm, ...) or a folder of images (PNG/WebP/TIFF; with
+alpha for --matting alpha). `generate --help` lists every flag with its default.
+
+Everything that can be checked is checked before any work: the output locations, every frame of an image
+folder, the device, the weights (downloaded first when missing). The .blend, the result file beside it and
+the exports are written to a temporary folder beside the output and moved into place only when everything
+succeeded, so a failure or Ctrl-C leaves an earlier result as it was.
+
+Exit codes: 0 done, 2 bad input or settings (one line `error: ...`), 1 internal error, 130 cancelled.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
+from .engine import cli_common
+from .engine.errors import InputError
 
-def parse_color(text: str) -> tuple:
-    text = text.strip()
-    if text.startswith("#") and len(text) == 7:
-        return tuple(int(text[i:i + 2], 16) / 255 for i in (1, 3, 5))
-    parts = [float(x) for x in text.split(",")]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError("key colour: '#00ff00' or 'r,g,b' in 0..1")
-    return tuple(parts)
+EXPORT_SUFFIXES = (".glb", ".gltf", ".fbx", ".abc")
+INTERNAL_FAILURES = ("Unexpected error in the generator", "The generator process stopped unexpectedly")
 
 
+# ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ss4d_blender", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="video -> animated mesh .blend")
-    g.add_argument("video", type=Path)
-    g.add_argument("-o", "--output", type=Path, required=True, help=".blend to write")
-    g.add_argument("--export", type=Path, action="append", default=[], help="also export (.glb/.gltf/.fbx/.abc)")
-    g.add_argument("--pipeline", default="lizb6626/SS4D", help="hub repo id or local pipeline folder")
-    g.add_argument("--revision", default="")
-    g.add_argument("--mesh-decoder", default="auto", help="auto | none | repo id | folder")
-    g.add_argument("--cache-dir", default="")
-    g.add_argument("--python", default="", help="Python with PyTorch for the generator (default: this one)")
-    g.add_argument("--frames", type=int, default=32, help="frames to generate (evenly spaced)")
-    g.add_argument("--start", type=int, default=None, help="first scene frame (default: the strip's)")
-    g.add_argument("--end", type=int, default=None, help="last scene frame (default: the strip's)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=0, help="0 = the model's default")
-    g.add_argument("--guidance", type=float, default=0.0, help="0 = the model's default")
-    g.add_argument("--matting", choices=["alpha", "chroma"], default="alpha")
-    g.add_argument("--key-color", type=parse_color, default=(0.0, 1.0, 0.0))
-    g.add_argument("--tolerance", type=float, default=0.12)
-    g.add_argument("--softness", type=float, default=0.08)
-    g.add_argument("--vertices", type=int, default=20000)
-    g.add_argument("--reference-frame", type=int, default=None,
-                   help="scene frame whose shape gives the topology (default: the most complete)")
-    g.add_argument("--smoothing", type=float, default=0.0)
-    g.add_argument("--height", type=float, default=1.8, help="object height in metres")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--precision", default="auto")
+    parser = cli_common.Parser(prog="python -m ss4d_blender", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g = sub.add_parser("generate", help="video -> animated mesh .blend",
+                       description="Video (or image folder) -> one animated mesh with shape keys in a .blend.")
+    g.add_argument("video", type=Path, help="a movie file Blender decodes (mp4, mov, webm, ...) or a folder of "
+                                            "images (PNG/WebP/TIFF)")
+    g.add_argument("-o", "--output", type=Path, required=True,
+                   help=".blend to write (an existing file is replaced only when the run succeeds)")
+    g.add_argument("--export", type=Path, action="append", default=[], metavar="FILE",
+                   help="also export to FILE: .glb, .gltf, .fbx or .abc; repeatable (default: none)")
+    cli_common.add_frame_flags(g, frames_default="32",
+                               start_help="scene frame; the clip starts at frame 1 (default: the clip's first)")
+    g.add_argument("--matting", choices=["alpha", "chroma"], default="alpha",
+                   help="alpha: the clip carries transparency (PNG frames, ProRes 4444 .mov, WebM with alpha; a "
+                        "usual .mp4 has no alpha); chroma: key out a green or blue screen (default: alpha)")
+    g.add_argument("--key-color", type=cli_common.parse_color, default=None, metavar="COLOUR",
+                   help="the screen's colour for --matting chroma, '#RRGGBB' or 'r,g,b' in 0..1 (default: "
+                        "measured from the frame border)")
+    g.add_argument("--tolerance", type=cli_common.non_negative_float, default=None,
+                   help="chroma distance to the key colour that is keyed out fully (default: 0.12)")
+    g.add_argument("--softness", type=cli_common.non_negative_float, default=None,
+                   help="width of the soft edge beyond the tolerance (default: 0.08)")
+    cli_common.add_sampling_flags(g)
+    cli_common.add_animate_flags(g, reference_help="scene frame whose generated shape gives the mesh's topology "
+                                                   "(default: the most complete)")
+    g.add_argument("--height", type=cli_common.non_negative_float, default=None,
+                   help="object height in metres (default: 1.8)")
+    cli_common.add_device_flags(g)
+    cli_common.add_weights_flags(g)
+    g.add_argument("--python", default=None,
+                   help="a Python with PyTorch that runs the model (default: this one)")
+    g.set_defaults(run=generate)
     return parser
 
 
-def load_source(scene, path: Path):
-    """Adds a movie strip (or an image-sequence strip for a folder) at frame 1; sets the scene's frame
-    range, frame rate and resolution to the source's."""
+# ------------------------------------------------------------------------------------------ checks before work
+def check_before_work(args) -> list:
+    """Output locations, input frames, device and weights, before Blender loads anything. Returns the frame
+    files of an image folder (empty for a movie)."""
+    from .engine import hub
+    from .engine.video import check_frame_folder
+
+    args.output = cli_common.check_writable(args.output, (".blend",))
+    args.export = [cli_common.check_writable(path, EXPORT_SUFFIXES, flag="--export") for path in args.export]
+    video = args.video.expanduser().absolute()
+    if not video.exists():
+        raise InputError(f"{video} does not exist.")
+    files = check_frame_folder(video, require_alpha=args.matting == "alpha") if video.is_dir() else []
+    if files:
+        cli_common.check_frame_range(args.start, args.end, len(files), f"the folder {video.name}")
+    if args.python is None:  # the model runs in this Python: what it would refuse is refused now
+        cli_common.check_device(args.device)
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:  # another Python runs the model: it fetches the weights itself
+        return files
+    hub.fetch_weights(args.pipeline, args.revision, args.mesh_decoder or "auto", args.cache_dir)
+    return files
+
+
+# ------------------------------------------------------------------------------------------ Blender side
+def exact_frame_rate(rate: float) -> tuple[int, float]:
+    """A clip's frame rate as Blender's scene (fps, fps_base), fps / fps_base == rate: 29.97 -> (30, 1.001)."""
+    fps = max(1, int(-(-(rate - 1e-6) // 1)))
+    return fps, fps / rate
+
+
+def load_source(scene, path: Path, files: list):
+    """Adds a movie strip (or an image-sequence strip for the checked files of a folder) at frame 1; sets the
+    scene's frame range, frame rate and resolution to the source's."""
     editor = scene.sequence_editor_create()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".exr", ".tif", ".tiff", ".webp"))
-        if not files:
-            raise SystemExit(f"error: no image files in {path}")
+    if files:
         strip = editor.strips.new_image(path.name, str(files[0]), channel=1, frame_start=1)
         for f in files[1:]:
             strip.elements.append(f.name)
     else:
-        if not path.is_file():
-            raise SystemExit(f"error: {path} does not exist")
         try:
             strip = editor.strips.new_movie(path.stem, str(path), channel=1, frame_start=1)
         except RuntimeError as err:
-            raise SystemExit(f"error: Blender cannot decode {path} ({err})")
+            raise InputError(f"Blender cannot decode {path} ({err}).") from None
         if strip.frame_duration <= 1:
-            raise SystemExit(f"error: Blender cannot decode {path} as a video")
-        scene.render.fps = max(1, round(strip.fps))
+            raise InputError(f"Blender cannot decode {path} as a video.")
+        scene.render.fps, scene.render.fps_base = exact_frame_rate(strip.fps)
     element = strip.elements[0]
     if element.orig_width and element.orig_height:
         scene.render.resolution_x, scene.render.resolution_y = element.orig_width, element.orig_height
@@ -83,6 +125,100 @@ def load_source(scene, path: Path):
     editor.active_strip = strip
     scene.frame_start, scene.frame_end = strip.frame_final_start, strip.frame_final_end - 1
     return strip
+
+
+def apply_settings(args, scene, strip) -> None:
+    """The flags the user set, onto the add-on's preferences and the scene's SS4D panel (their defaults
+    stay there)."""
+    from .blender import preferences
+
+    prefs = preferences.HEADLESS
+    for name in ("pipeline", "revision", "mesh_decoder", "cache_dir", "python", "device", "precision"):
+        if getattr(args, name, None) is not None:
+            setattr(prefs, name, str(getattr(args, name)))
+    s = scene.ss4d
+    panel = {"seed": args.seed, "steps": args.steps, "guidance": args.cfg, "tolerance": args.tolerance,
+             "softness": args.softness, "target_vertices": args.target_vertices,
+             "smoothing": args.temporal_smoothing, "height": args.height, "window": args.window,
+             "overlap": args.overlap, "step": args.step}
+    for name, value in panel.items():
+        if value is not None:
+            if not hasattr(s, name):
+                raise InputError(f"--{name} is not available in this version of the add-on.")
+            setattr(s, name, value)
+    s.matting = args.matting.upper()
+    if args.key_color is not None:
+        s.auto_key_color, s.key_color = False, args.key_color
+    if args.reference_frame is not None:
+        s.auto_reference, s.reference_frame = False, args.reference_frame
+    _apply_frames(args, s, strip)
+
+
+def _apply_frames(args, s, strip) -> None:
+    first, last = strip.frame_final_start, strip.frame_final_end - 1
+    cli_common.check_frame_range(args.start, args.end, last - first + 1, "the clip")
+    if args.start is not None or args.end is not None:
+        s.use_strip_range = False
+        s.frame_start = args.start if args.start is not None else first
+        s.frame_end = args.end if args.end is not None else last
+    count = (s.frame_end - s.frame_start + 1 if not s.use_strip_range else last - first + 1)
+    count = count if args.frames == "all" else args.frames
+    if count is not None:
+        most = type(s).bl_rna.properties["num_frames"].hard_max
+        if count > most:
+            raise InputError(f"--frames {args.frames}: at most {most} frames can be generated at once here.")
+        s.num_frames = count
+
+
+class CtrlC:
+    """Ctrl-C while the add-on's operator runs stops its work at the next step (frame extraction, then the
+    worker through its cancel file) instead of raising inside Blender's operator code; anywhere else it
+    raises KeyboardInterrupt. Either way the command ends with exit code 130."""
+
+    def __init__(self):
+        self.pressed = False
+        self.in_operator = False
+
+    def __call__(self, signum, frame) -> None:
+        self.pressed = True
+        if not self.in_operator:
+            raise KeyboardInterrupt
+        from .blender import frames
+
+        frames.STOP.set()
+        threading.Thread(target=self._cancel_worker, daemon=True).start()
+
+    def _cancel_worker(self) -> None:
+        from .blender import operators
+
+        while self.in_operator:
+            if operators.ACTIVE.client is not None:
+                operators.request_cancel()
+                return
+            time.sleep(0.05)
+
+
+def run_operator(scene, ctrl_c: CtrlC) -> None:
+    """Generate 4D, synchronously. Raises InputError with the add-on's message when it fails."""
+    import bpy
+
+    from .blender import frames
+
+    frames.STOP.clear()
+    ctrl_c.in_operator = True
+    try:
+        result = bpy.ops.ss4d.generate(synchronous=True)
+    except RuntimeError:  # Blender raises for operators that report an error
+        result = {"CANCELLED"}
+    finally:
+        ctrl_c.in_operator = False
+    if ctrl_c.pressed:
+        raise KeyboardInterrupt
+    if result != {"FINISHED"}:
+        message = scene.ss4d.last_message or "Generation failed."
+        if message.startswith(INTERNAL_FAILURES):
+            raise RuntimeError(message)
+        raise InputError(message)
 
 
 def export(path: Path, obj, scene_frames) -> None:
@@ -105,73 +241,100 @@ def export(path: Path, obj, scene_frames) -> None:
         # is on their shape keys, which would drop the morph weights
         bpy.ops.export_scene.fbx(filepath=str(path), use_selection=True, bake_anim=True,
                                  bake_anim_use_all_actions=False, bake_anim_use_nla_strips=False)
-    elif suffix == ".abc":
+    else:
         bpy.ops.wm.alembic_export(filepath=str(path), selected=True, start=bpy.context.scene.frame_start,
                                   end=bpy.context.scene.frame_end)
-    else:
-        raise SystemExit(f"error: unknown export format {suffix} (use .glb, .gltf, .fbx or .abc)")
 
 
+# ------------------------------------------------------------------------------------------ output placement
+class Staging:
+    """A temporary folder beside the output. Everything is written there; `publish` moves it into place
+    (the .blend last), and `discard` removes whatever is left, including the folders made for it."""
+
+    def __init__(self, output: Path):
+        self.made, folder = [], output.parent   # folders this run creates, innermost first
+        while not folder.exists():
+            self.made.append(folder)
+            folder = folder.parent
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+        self.output = output
+
+    def path(self, final: Path) -> Path:
+        """Where `final` is written until it is published (exports keep their own subfolder)."""
+        if final == self.output:
+            return self.folder / final.name
+        folder = self.folder / f"export_{abs(hash(str(final)))}"
+        folder.mkdir(exist_ok=True)
+        return folder / final.name
+
+    def publish(self, exports: list) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        for final in exports:
+            for produced in self.path(final).parent.iterdir():  # .gltf writes a .bin beside it
+                produced.chmod(0o666 & ~umask)
+                os.replace(produced, final.parent / produced.name)
+        for produced in sorted(self.folder.iterdir(), key=lambda p: p.name == self.output.name):
+            if produced.is_file():
+                produced.chmod(0o666 & ~umask)
+                os.replace(produced, self.output.parent / produced.name)
+        self.made = []
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        for folder in self.made:  # innermost first: only folders made for this run, and only when empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+# ------------------------------------------------------------------------------------------ generate
 def generate(args) -> int:
     import json
 
     import bpy
 
     from . import register
-    from .blender import preferences
+    from .engine.result import read_metadata
     from .engine.types import poor_fit_message
 
+    ctrl_c = CtrlC()
+    signal.signal(signal.SIGINT, ctrl_c)
+    files = check_before_work(args)
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.context.preferences.filepaths.save_version = 0  # no .blend1 backups from the batch tool
     register()
-    prefs = preferences.HEADLESS
-    prefs.pipeline, prefs.revision, prefs.mesh_decoder = args.pipeline, args.revision, args.mesh_decoder
-    prefs.cache_dir, prefs.python, prefs.device, prefs.precision = args.cache_dir, args.python, args.device, args.precision
     scene = bpy.context.scene
-    strip = load_source(scene, args.video.resolve())
-    s = scene.ss4d
-    s.num_frames, s.seed, s.steps, s.guidance = args.frames, args.seed, args.steps, args.guidance
-    s.matting, s.key_color = args.matting.upper(), args.key_color
-    s.tolerance, s.softness = args.tolerance, args.softness
-    s.target_vertices, s.smoothing, s.height = args.vertices, args.smoothing, args.height
-    s.auto_reference = args.reference_frame is None
-    if args.reference_frame is not None:
-        s.reference_frame = args.reference_frame
-    if args.start is not None or args.end is not None:
-        s.use_strip_range = False
-        s.frame_start = args.start if args.start is not None else strip.frame_final_start
-        s.frame_end = args.end if args.end is not None else strip.frame_final_end - 1
-    output = args.output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    bpy.ops.wm.save_as_mainfile(filepath=str(output))  # so the result file lands next to it
+    strip = load_source(scene, args.video.expanduser().absolute(), files)
+    apply_settings(args, scene, strip)
+    staging = Staging(args.output)
     try:
-        result = bpy.ops.ss4d.generate(synchronous=True)
-    except RuntimeError:  # Blender raises for operators that report an error
-        result = {"CANCELLED"}
-    if result != {"FINISHED"}:
-        print(f"error: {s.last_message}", file=sys.stderr)
-        output.unlink(missing_ok=True)
-        return 2
-    obj = bpy.data.objects[f"SS4D_{strip.name}"]
-    bpy.ops.wm.save_as_mainfile(filepath=str(output))
-    print(f"wrote {output} ({obj.name}: {len(obj.data.vertices)} vertices, "
-          f"{len(obj.data.shape_keys.key_blocks) - 1} shape keys; result file {obj['ss4d_result_file']})")
-    if obj.get("ss4d_random_weights"):
-        print("warning: made with the tiny random-weight pipeline: the result is noise", file=sys.stderr)
-    poor_fit = poor_fit_message(json.loads(obj["ss4d_bad_frames"]))
-    if poor_fit:
-        print(f"warning: {poor_fit}", file=sys.stderr)
+        # saved first so the add-on keeps its result file beside the .blend, in the staging folder
+        bpy.ops.wm.save_as_mainfile(filepath=str(staging.path(args.output)))
+        run_operator(scene, ctrl_c)
+        obj = bpy.data.objects[f"SS4D_{strip.name}"]
+        bpy.ops.wm.save_as_mainfile(filepath=str(staging.path(args.output)))
+        for path in args.export:
+            export(staging.path(path), obj, json.loads(obj["ss4d_scene_frames"]))
+        result_file = Path(bpy.path.abspath(obj["ss4d_result_file"]))
+        warnings = read_metadata(result_file)["warnings"]
+        staging.publish(args.export)
+    finally:
+        staging.discard()
+    print(f"wrote {args.output} ({obj.name}: {len(obj.data.vertices)} vertices, "
+          f"{len(obj.data.shape_keys.key_blocks) - 1} shape keys; result file "
+          f"{args.output.parent / result_file.name})")
     for path in args.export:
-        export(path.resolve(), obj, json.loads(obj["ss4d_scene_frames"]))
         print(f"exported {path}")
+    poor_fit = poor_fit_message(json.loads(obj["ss4d_bad_frames"]))
+    cli_common.print_warnings(list(warnings) + ([poor_fit] if poor_fit else []))
     return 0
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        return generate(args)
-    return 2
+    return cli_common.run(build_parser(), argv)
 
 
 if __name__ == "__main__":

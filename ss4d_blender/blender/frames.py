@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 
 import bpy
 import numpy as np
 
-from ..engine.errors import InputError
+from ..engine.errors import Cancelled, InputError
 
 STRIP_TYPES = {"MOVIE", "IMAGE"}
+# set from another thread or a signal handler (the headless command's Ctrl-C) to stop an extraction at its
+# next frame; whoever starts an extraction that may be stopped clears it first
+STOP = threading.Event()
 
 
 def sequencer_strips(scene):
@@ -75,7 +79,8 @@ def _isolated_render(scene, strip, folder):
             s.mute = True
         render.use_sequencer, render.use_compositing = True, False
         image_settings.file_format, image_settings.color_mode, image_settings.color_depth = "PNG", "RGBA", "8"
-        view.view_transform, view.look, view.exposure, view.gamma, view.use_curve_mapping = "Standard", "None", 0.0, 1.0, False
+        view.view_transform, view.look, view.exposure = "Standard", "None", 0.0
+        view.gamma, view.use_curve_mapping = 1.0, False
         yield
     finally:
         for s, was in muted:
@@ -107,11 +112,14 @@ def read_png(path: str) -> np.ndarray:
 
 def extract_frames(scene, strip, frames: list[int], progress=None) -> np.ndarray:
     """Renders the strip alone at each scene frame -> uint8 [T, H, W, 4] (render resolution)."""
-    if strip.type == "MOVIE" and getattr(strip, "frame_duration", 1) <= 1 and not os.path.isfile(bpy.path.abspath(strip.filepath)):
+    unreadable = getattr(strip, "frame_duration", 1) <= 1 and not os.path.isfile(bpy.path.abspath(strip.filepath))
+    if strip.type == "MOVIE" and unreadable:
         raise InputError(f"The video file of strip '{strip.name}' cannot be read: {strip.filepath}")
     out = []
     with tempfile.TemporaryDirectory(prefix="ss4d_frames_") as folder, _isolated_render(scene, strip, folder):
         for i, f in enumerate(frames):
+            if STOP.is_set():
+                raise Cancelled()
             scene.frame_current = f
             scene.render.filepath = os.path.join(folder, f"frame_{i:04d}.png")
             bpy.ops.render.render(write_still=True)

@@ -161,7 +161,8 @@ def _matted_frames(scene, strip, scene_frames: list[int]) -> np.ndarray:
     settings = scene.ss4d
     rgba = frame_source.extract_frames(scene, strip, scene_frames)
     if settings.matting == "CHROMA":
-        return chroma_key(rgba, tuple(settings.key_color), settings.tolerance, settings.softness)
+        key_color = None if settings.auto_key_color else tuple(settings.key_color)
+        return chroma_key(rgba, key_color, settings.tolerance, settings.softness, frame_numbers=scene_frames)
     return alpha_from_source(rgba)
 
 

@@ -45,7 +45,9 @@ def _draw_settings(layout, context):
     box = layout.box()
     box.prop(s, "matting")
     if s.matting == "CHROMA":
-        box.prop(s, "key_color")
+        box.prop(s, "auto_key_color")
+        if not s.auto_key_color:
+            box.prop(s, "key_color")
         box.prop(s, "tolerance")
         box.prop(s, "softness")
     col = layout.column(align=True)

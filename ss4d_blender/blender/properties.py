@@ -17,7 +17,10 @@ class SS4D_PG_settings(bpy.types.PropertyGroup):
         ("ALPHA", "Alpha in Source", "The clip has transparency (PNG sequence, ProRes 4444, WebM with alpha)"),
         ("CHROMA", "Chroma Key", "Remove a green / blue screen background"),
     ])
-    key_color: FloatVectorProperty(name="Key Color", subtype="COLOR", size=3, min=0, max=1, default=(0.0, 1.0, 0.0))
+    auto_key_color: BoolProperty(name="Measure Key Color", default=True,
+                                 description="Take the key colour from the screen at the frame border")
+    key_color: FloatVectorProperty(name="Key Color", subtype="COLOR", size=3, min=0, max=1, default=(0.0, 1.0, 0.0),
+                                   description="The screen's colour, when it is not measured")
     tolerance: FloatProperty(name="Tolerance", default=0.12, min=0.0, max=0.8,
                              description="Colours this close to the key colour become transparent")
     softness: FloatProperty(name="Softness", default=0.08, min=0.0, max=0.5, description="Width of the soft edge")

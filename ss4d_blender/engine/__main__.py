@@ -135,7 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     cli_common.check_device(settings.device)
     hub.fetch_weights(settings.pipeline, settings.revision, settings.mesh_decoder, settings.cache_dir)
-    frames = read_frames(args.input, max_frames=args.frames, frame_range=(args.start, args.end))
+    max_frames = None if args.frames in (None, "all") else args.frames
+    frames = read_frames(args.input, max_frames=max_frames, frame_range=(args.start, args.end))
     if not args.quiet:
         print(f"{frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} from {args.input}", file=sys.stderr)
     bars = StageBars(enabled=not args.quiet)

@@ -69,10 +69,10 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def frame_count(text: str) -> Optional[int]:
-    """`all` (None: every frame of the range) or a count of at least 2."""
+def frame_count(text: str):
+    """`all` (every frame of the range) or a count of at least 2."""
     if text.strip().lower() == "all":
-        return None
+        return "all"
     value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"at least 2 frames are needed to generate motion, got {value}")
@@ -152,10 +152,10 @@ def add_frame_flags(parser: argparse.ArgumentParser, frames_default: str, start_
 
 def add_animate_flags(parser: argparse.ArgumentParser, reference_help: str) -> None:
     """Registration (`api.animate`): `target_vertices`, `reference_frame`, `temporal_smoothing`, device."""
-    parser.add_argument("--vertices", dest="target_vertices", type=positive_int, default=None,
+    parser.add_argument("--vertices", dest="target_vertices", type=positive_int, default=None, metavar="N",
                         help="vertex count of the animated mesh (default: 20000)")
-    parser.add_argument("--reference-frame", type=int, default=None, help=reference_help)
-    parser.add_argument("--smoothing", dest="temporal_smoothing", type=non_negative_float, default=None,
+    parser.add_argument("--reference-frame", type=int, default=None, metavar="FRAME", help=reference_help)
+    parser.add_argument("--smoothing", dest="temporal_smoothing", type=non_negative_float, default=None, metavar="S",
                         help="temporal smoothing of the vertex trajectories, 0 = off (default: 0)")
 
 

@@ -127,9 +127,11 @@ def fetch_weights(pipeline: Optional[str] = None, revision: Optional[str] = None
                   report=None) -> dict[str, tuple[Path, str]]:
     """Every weight file generation reads, on disk before any other work (downloaded when missing and
     allowed): the pipeline, the image encoder unless the pipeline folder has its own, and the mesh decoder
-    ('auto': the pipeline's own, else TRELLIS's; None: none). Returns {source: (folder, revision used)};
-    `report(source, fraction)` is called before each source. Raises WeightsError with what to do."""
+    ('auto': the pipeline's own, else TRELLIS's; None or "none": none). Returns {source: (folder, revision
+    used)}; `report(source, fraction)` is called before each source. Raises WeightsError with what to do."""
     pipeline = pipeline or SS4D_REPO
+    if isinstance(mesh_decoder, str) and mesh_decoder.strip().lower() == "none":
+        mesh_decoder = None
     if report is not None:
         report(pipeline, 0.0)
     fetched = {pipeline: resolve(pipeline, revision, cache_dir)}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -210,6 +211,9 @@ def main(argv=None) -> int:
     if len(argv) != 1:
         print("usage: python -m ss4d_blender.engine.worker JOB.json", file=sys.stderr)
         return 2
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides, and cancels through the
+    # cancel file (or terminates after a grace time), so the worker never dies half-way on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_job(Path(argv[0]).resolve())
 
 
