@@ -2,8 +2,9 @@
 
     .venv/bin/python build_addon.py [--platform linux-x64 ...] [--wheels-dir DIR] [--out dist]
 
-Each zip holds the add-on package at its root (the extension's module), the manifest with that platform
-and the wheels it lists, and those wheels under wheels/. Blender installs listed wheels into its own Python
+Each zip holds the add-on package at its root (the extension's module) without its test-only `testing/`
+package, the manifest with that platform and the wheels it lists, those wheels under wheels/, and the
+LICENSE. Blender installs listed wheels into its own Python
 (shared by every extension), so the list is kept to what the Blender side itself imports beyond Blender's
 bundled numpy: `safetensors` (abi3: one wheel serves Python 3.11 and 3.13), used to read the result file's
 metadata. PyTorch is not bundled: it is large, differs per GPU vendor, and must not go into Blender's
@@ -24,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 PACKAGE = ROOT / "ss4d_blender"
 MANIFEST = ROOT / "addon_manifest" / "blender_manifest.toml"
+LICENSE = ROOT / "LICENSE"  # GPL-3.0-or-later, as the manifest declares; shipped at the zip's root
 BLENDER_WHEELS = ["safetensors==0.8.0"]
 PLATFORM_TAGS = {  # Blender platform -> pip platform tags accepted for it
     "windows-x64": ["win_amd64"],
@@ -75,6 +77,7 @@ def build(platform: str, wheel_folder: Path, out: Path) -> Path:
     target = out / f"ss4d_blender-{version}-{platform}.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("blender_manifest.toml", manifest)
+        z.write(LICENSE, "LICENSE")
         for path in sorted(PACKAGE.rglob("*")):
             name = path.relative_to(PACKAGE).as_posix()
             if path.is_file() and not EXCLUDE.search(name):

@@ -34,6 +34,13 @@ def test_manifest_template_is_valid():
         assert key in manifest
     assert manifest["blender_version_min"] == "4.2.0" and manifest["id"] == "ss4d_blender"
     assert set(manifest["permissions"]) == {"files", "network"}
+    # the licence the manifest declares is the one in the repository (and in every zip, below)
+    assert manifest["license"] == ["SPDX:GPL-3.0-or-later"]
+    license_text = (REPO / "LICENSE").read_text()
+    assert "GNU GENERAL PUBLIC LICENSE" in license_text and "Version 3, 29 June 2007" in license_text
+    assert "later version" in license_text  # the "or (at your option) any later version" terms
+    # the website, when there is one, is this add-on's documentation, not the research code's repository
+    assert "Lizb6626/SS4D" not in manifest.get("website", "")
 
 
 def test_built_zip_has_manifest_package_and_listed_wheels(tmp_path):
@@ -53,6 +60,16 @@ def test_built_zip_has_manifest_package_and_listed_wheels(tmp_path):
             assert "__init__.py" in names and "blender/operators.py" in names and "engine/worker.py" in names
             assert "engine/data/flexicubes_tables.json" in names
             assert not any("__pycache__" in n for n in names)
+            assert z.read("LICENSE") == (REPO / "LICENSE").read_bytes()
+            # only what users run: the add-on package without its test-only `testing/` package
+            assert {n.split("/")[0] for n in names} == {"blender_manifest.toml", "LICENSE", "wheels", "__init__.py",
+                                                        "__main__.py", "runtime_env.py", "blender", "engine"}
+            assert not any(word in n for n in names for word in ("testing/", "golden_runners", "verify_golden",
+                                                                  "synthetic.py"))
+            shipped = {n for n in names if n.endswith(".py")}
+            package = {p.relative_to(REPO / "ss4d_blender").as_posix() for p in (REPO / "ss4d_blender").rglob("*.py")
+                       if "testing" not in p.parts}
+            assert shipped == package
             init = z.read("__init__.py").decode()
             assert "import bpy" not in init.split("def register")[0]  # importable without bpy at module level
 
@@ -130,8 +147,8 @@ print("RESULT " + json.dumps(out))
 
 
 def test_extension_validates_installs_and_enables_in_blender(tmp_path, shared_dir):
-    """The built zip passes Blender's own extension validator, installs through Blender's extension
-    system, enables (real AddonPreferences), refuses to download with online access off (the bpy module's
+    """The built zip, with the real safetensors wheel it bundles, passes Blender's own extension validator,
+    installs through Blender's extension system (wheel included), enables (real AddonPreferences), refuses to download with online access off (the bpy module's
     default), generates from an image strip with the tiny random-weight pipeline through the installed
     copy (worker in a separate Python, as with the managed runtime) and disables cleanly."""
     import platform
@@ -139,10 +156,10 @@ def test_extension_validates_installs_and_enables_in_blender(tmp_path, shared_di
     import bpy
 
     if sys.platform != "linux" or platform.machine() != "x86_64":
-        pytest.skip("builds the linux-x64 package with a fake wheel; runs on Linux x86-64 only")
+        pytest.skip("builds and installs the linux-x64 package; runs on Linux x86-64 only")
     wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    fake_wheel(wheels, "safetensors", "0.8.0", "manylinux_2_17_x86_64")
+    build_addon.download_wheels("linux-x64", wheels)  # the real pinned wheel, from PyPI (pip download)
+    assert [w.name.split("-")[:2] for w in wheels.glob("*.whl")] == [["safetensors", "0.8.0"]]
     subprocess.run([sys.executable, str(REPO / "build_addon.py"), "--platform", "linux-x64", "--wheels-dir",
                     str(wheels), "--out", str(tmp_path / "dist")], check=True, capture_output=True)
     package = tmp_path / "dist" / "ss4d_blender-0.1.0-linux-x64.zip"
@@ -169,7 +186,11 @@ def test_extension_validates_installs_and_enables_in_blender(tmp_path, shared_di
     assert "Online access is disabled" in out["download"]
     assert out["generate"] == ["FINISHED"] and out["shape_keys"] == 1 + 4  # basis + one per frame (noise: tiny weights)
     assert out["after_disable"] == []
-    assert (tmp_path / "blender_user" / "extensions" / "user_default" / "ss4d_blender" / "blender_manifest.toml").is_file()
+    extensions = tmp_path / "blender_user" / "extensions"
+    assert (extensions / "user_default" / "ss4d_blender" / "blender_manifest.toml").is_file()
+    assert (extensions / "user_default" / "ss4d_blender" / "LICENSE").is_file()
+    # Blender installed the bundled wheel itself (the compiled safetensors extension module)
+    assert list(extensions.glob(".local/lib/python3*/site-packages/safetensors/_safetensors_rust*.so"))
 
 
 def test_cuda_device_names_come_from_the_runtime(tmp_path):

@@ -148,7 +148,7 @@ def test_chroma_key_on_a_scene_that_is_no_screen_is_refused(shared_dir, tiny, ea
     out = headless(shared_dir / "samples" / "bird_fly_scene.mp4", "--matting", "chroma", "--frames", "4",
                    "-o", earlier, "--pipeline", tiny, "--device", "cpu")
     line = error_line(out)
-    assert "not a green or blue screen" in line and "--matting alpha" in line
+    assert "not a green or blue screen" in line and "--matting alpha" in line and "engine matte" in line
     assert_untouched(earlier)
 
 

@@ -29,10 +29,10 @@ MIN_SCREEN_SHARE = 0.6      # the measured colour must cover this share of the b
 MIN_SCREEN_CHROMA = 0.12    # ... and be this saturated (green screen ~0.33, grey 0) to be a screen
 MIN_REMOVED = 0.05          # a keyed frame must lose at least this share of its pixels ...
 MIN_KEPT = 0.001            # ... and keep at least this share
-NO_SCREEN_ADVICE = ("Chroma keying needs an even green or blue screen behind the object. Use a clip with "
-                    "transparency instead (--matting alpha / 'Alpha in Source': PNG frames, ProRes 4444 .mov, "
-                    "WebM with alpha), or remove the background first with a background remover and save the "
-                    "frames as PNG with transparency.")
+NO_SCREEN_ADVICE = ("Chroma keying needs an even green or blue screen behind the object. Remove the background "
+                    "with learned matting instead (`python -m ss4d_blender.engine matte VIDEO -o FRAMES`, then "
+                    "generate from the FRAMES folder with --matting alpha), or use a clip with transparency "
+                    "(--matting alpha / 'Alpha in Source': PNG frames, ProRes 4444 .mov, WebM with alpha).")
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
