@@ -9,9 +9,9 @@ another thread stops at the next step. Errors are `engine.errors.*` with message
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -20,12 +20,14 @@ from . import hub
 from .errors import InputError, SS4DError
 from .memory import default_precision, out_of_memory_as_error, pick_device, should_offload
 from .mesh.cleanup import MIN_COMPONENT_FRACTION
-from .pipeline import PipelineSpec, SamplingOptions, SS4DPipeline
+from .pipeline import LatentSample, PipelineSpec, SamplingOptions, SS4DPipeline, StructureSample
 from .preprocess import check_frames, crop_box, pad_to_even, preprocess_frames
 from .progress import Progress
 from .result import GenerationResult, load_result  # noqa: F401 - re-exported
 from .sparse import SparseTensor
 from .types import AnimatedMesh
+from .windows import (FrameFile, StoredFrames, WindowCache, WindowRecord, check_window_settings, frames_digest,
+                      known_frames, plan_windows, settings_key, window_seed)
 
 STAGES = ("Loading models", "Encoding frames", "Sampling structure", "Sampling latents", "Decoding", "Meshing",
           "Cleaning meshes", "Registering")
@@ -47,6 +49,9 @@ class GenerateSettings:
     mesh_target_faces: Optional[int] = 200000   # decimate each frame's raw mesh to at most this
     min_component_fraction: float = MIN_COMPONENT_FRACTION   # drop floating parts smaller than this share
     fill_holes: bool = True
+    window: int = 32                       # frames per window: even, 32 = the length the model was trained on
+    overlap: int = 8                       # frames a window shares with the one before (even, below window)
+    step: int = 1                          # use every step-th input frame (2 = every other frame)
 
     @classmethod
     def from_user(cls, **given) -> "GenerateSettings":
@@ -96,81 +101,196 @@ def _mesh_decoder_path(spec: PipelineSpec, settings: GenerateSettings, pipeline_
 
 
 def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSettings(),
-             progress: Optional[Progress] = None) -> GenerationResult:
-    """frames_rgba: uint8 [T, H, W, 4] sRGB with straight alpha (matting already done), T >= 2."""
-    import json
+             progress: Optional[Progress] = None, window_cache: Optional[Union[str, Path]] = None
+             ) -> GenerationResult:
+    """frames_rgba: uint8 [T, H, W, 4] sRGB with straight alpha (matting already done), T >= 2.
 
-    from .mesh import clean_mesh, mesh_from_gaussians
-    from .models.dinov2 import image_condition, load_dinov2
-
+    Every `settings.step`-th frame is used. A clip longer than `settings.window` runs as overlapping windows
+    (`engine.windows`), each continuing the one before; progress stages then read "Window 2 of 8 · Sampling
+    structure". window_cache: a folder for finished windows. With it, every window's frames go to disk as
+    soon as it is done (the result's Gaussians and meshes are read back one frame at a time), and a run with
+    the same settings and frames resumes after the last finished window, e.g. after a cancel."""
     progress = progress or Progress()
     started = time.perf_counter()
     check_frames(frames_rgba)
-    crop_box(frames_rgba[..., 3])  # an empty alpha fails here, before any weights are loaded
-    frames, count = pad_to_even(frames_rgba)
-    device = pick_device(settings.device)
-    precision = default_precision(device, settings.precision)
-    offload = should_offload(device, settings.low_vram)
-
-    progress.update("Loading models", 0.0)
-    folder, revision = hub.resolve(settings.pipeline, settings.revision, settings.cache_dir)
-    spec = PipelineSpec.from_folder(folder)
-    pipeline_json = json.loads((folder / "pipeline.json").read_text())
-    mesh_path, mesh_source = _mesh_decoder_path(spec, settings, pipeline_json)
-    pipe = SS4DPipeline(spec, device=device, precision=precision, offload=offload, mesh_decoder_path=mesh_path)
-    options = SamplingOptions(steps=settings.steps, structure_cfg=settings.cfg, latent_cfg=settings.latent_cfg)
-    report = progress.update
-
+    check_window_settings(settings.window, settings.overlap, settings.step)
+    clip = frames_rgba[::settings.step]
+    check_frames(clip)
+    box = crop_box(clip[..., 3])  # an empty alpha fails here, before any weights are loaded; one box for all windows
+    plan = plan_windows(clip.shape[0], settings.window, settings.overlap)
+    run = _WindowRun.start(settings, progress, box, plan)
+    cache = None
+    if window_cache is not None and len(plan) > 1:
+        cache = WindowCache(window_cache, settings_key(asdict(settings), clip.shape[0], clip.shape[1:]))
+    records, gaussians, meshes = [], [], []
     with torch.inference_mode():
+        previous = None
+        for k, (start, stop) in enumerate(plan):
+            digest = frames_digest(clip[start:stop])
+            record = cache.load(k, digest) if cache is not None else None
+            if record is None:
+                record = run.window(k, clip[start:stop], previous, digest)
+                if cache is not None:
+                    cache.save(record)
+            if cache is not None:      # the frames stay on disk; the next window needs only the arrays
+                stored = FrameFile(cache.path(k))
+                record.gaussians, record.meshes = stored.gaussians(), stored.meshes()
+            gaussians.append(record.gaussians)
+            meshes.append(record.meshes)
+            records.append(_without_frames(record))
+            previous = record
+    return run.result(records, gaussians, meshes, clip.shape[0], started)
+
+
+def _without_frames(record: WindowRecord) -> WindowRecord:
+    """The record with its window-sized arrays dropped, keeping the new frames' coords and latents."""
+    rows = record.new_rows()
+    coords = record.coords[rows].copy()
+    coords[:, 0] += record.start
+    return replace(record, structure_latent=None, structure_noise=None, latents=None, latent_noise=None,
+                   coords=coords, slat_feats=record.slat_feats, gaussians=[], meshes=[])
+
+
+@dataclass
+class _WindowRun:
+    """What every window of one `generate` call shares: the loaded pipeline, the crop box, the plan."""
+
+    settings: GenerateSettings
+    progress: Progress
+    box: tuple
+    plan: list
+    pipe: SS4DPipeline
+    options: SamplingOptions
+    encoder_folder: Path
+    info: dict
+
+    @classmethod
+    def start(cls, settings: GenerateSettings, progress: Progress, box: tuple, plan: list) -> "_WindowRun":
+        import json
+
+        device = pick_device(settings.device)
+        precision = default_precision(device, settings.precision)
+        offload = should_offload(device, settings.low_vram)
+        progress.update("Loading models", 0.0)
+        folder, revision = hub.resolve(settings.pipeline, settings.revision, settings.cache_dir)
+        spec = PipelineSpec.from_folder(folder)
+        pipeline_json = json.loads((folder / "pipeline.json").read_text())
+        mesh_path, mesh_source = _mesh_decoder_path(spec, settings, pipeline_json)
+        pipe = SS4DPipeline(spec, device=device, precision=precision, offload=offload, mesh_decoder_path=mesh_path)
+        options = SamplingOptions(steps=settings.steps, structure_cfg=settings.cfg, latent_cfg=settings.latent_cfg)
+        encoder_folder, _ = _image_encoder_folder(spec, settings, progress)
+        info = dict(pipeline_revision=revision, mesh_decoder_source=mesh_source, device=str(device),
+                    precision=precision, offload=offload)
+        return cls(settings, progress, box, plan, pipe, options, encoder_folder, info)
+
+    def report(self, index: int):
+        """progress(stage, fraction) of window `index`: plain stage names when the clip is one window."""
+        prefix = f"Window {index + 1} of {len(self.plan)} · " if len(self.plan) > 1 else ""
+        return lambda stage, fraction: self.progress.update(prefix + stage, fraction)
+
+    def encode(self, frames: np.ndarray, report) -> torch.Tensor:
+        """The window's own frames -> DINOv2 conditioning [T, L, C]."""
+        from .models.dinov2 import image_condition, load_dinov2
+
+        device = self.pipe.device
         with out_of_memory_as_error("Encoding frames", device):
-            progress.update("Encoding frames", 0.0)
-            images, crop = preprocess_frames(frames)
-            encoder_folder, _ = _image_encoder_folder(spec, settings, progress)
-            encoder = load_dinov2(encoder_folder, device=device, precision=precision)
+            report("Encoding frames", 0.0)
+            images, _ = preprocess_frames(frames, box=self.box)
+            encoder = load_dinov2(self.encoder_folder, device=device, precision=self.pipe.precision)
             cond = torch.cat([image_condition(encoder, images[i:i + 8].to(device)) for i in range(0, len(images), 8)])
             del encoder
-            progress.update("Encoding frames", 1.0)
+            report("Encoding frames", 1.0)
+        return cond
+
+    def window(self, index: int, frames: np.ndarray, previous: Optional[WindowRecord], digest: str) -> WindowRecord:
+        """Generates window `index` (frames: its uint8 frames); its first frames continue `previous`."""
+        start, stop = self.plan[index]
+        known = known_frames(self.plan, index)
+        report = self.report(index)
+        frames, count = pad_to_even(frames)       # a one-window clip of odd length: the last frame repeated
+        num_frames, device, pipe = frames.shape[0], self.pipe.device, self.pipe
+        cond = self.encode(frames, report)
         neg_cond = torch.zeros_like(cond)
-        num_frames = frames.shape[0]
-        torch.manual_seed(settings.seed)
+        structure_known, latent_known = _continuation(previous, known, device)
+        torch.manual_seed(window_seed(self.settings.seed, index))
         with out_of_memory_as_error("Sampling structure", device):
-            progress.update("Sampling structure", 0.0)
-            coords = pipe.sample_structure(cond, neg_cond, num_frames, options, report)
-        counts = torch.bincount(coords[:, 0].long(), minlength=num_frames)
+            report("Sampling structure", 0.0)
+            structure = pipe.sample_structure_frames(cond, neg_cond, num_frames, self.options, report, structure_known)
+        counts = torch.bincount(structure.coords[:, 0].long(), minlength=num_frames)
         if (counts == 0).any():
-            raise SS4DError(f"The model produced no geometry for frame(s) {torch.nonzero(counts == 0).flatten().tolist()}. "
-                            f"Try another seed or check that the object is clearly visible.")
+            empty = [start + int(i) for i in torch.nonzero(counts == 0).flatten()]
+            raise SS4DError(f"The model produced no geometry for frame(s) {empty}. Try another seed or check that "
+                            f"the object is clearly visible.")
         with out_of_memory_as_error("Sampling latents", device):
-            progress.update("Sampling latents", 0.0)
-            slat = pipe.sample_latents(cond, neg_cond, coords, num_frames, options, report)
+            report("Sampling latents", 0.0)
+            latents = pipe.sample_latent_frames(cond, neg_cond, structure.coords, num_frames, self.options, report,
+                                                latent_known)
+        slat = pipe.denormalise(latents)
+        gaussians, meshes = self.decode(slat, num_frames, known, count, report)
+        new = (latents.coords[:, 0] >= known) & (latents.coords[:, 0] < count)
+        return WindowRecord(index, start, stop, start + known, digest,
+                            structure_latent=structure.latent.cpu().numpy(),
+                            structure_noise=structure.noise.cpu().numpy(),
+                            coords=latents.coords.cpu().numpy().astype(np.int32),
+                            latents=latents.feats.cpu().numpy(), latent_noise=latents.noise.cpu().numpy(),
+                            slat_feats=slat.feats[new].float().cpu().numpy(), gaussians=gaussians, meshes=meshes)
+
+    def decode(self, slat: SparseTensor, num_frames: int, first: int, count: int, report) -> tuple[list, list]:
+        """Gaussians and cleaned meshes of the window's frames first..count-1 (the new, unpadded ones)."""
+        from .mesh import clean_mesh, mesh_from_gaussians
+
+        device, settings = self.pipe.device, self.settings
         with out_of_memory_as_error("Decoding", device):
-            progress.update("Decoding", 0.0)
-            gaussians = [g.to_gaussian_set() for g in pipe.decode_gaussians(slat, num_frames, report)][:count]
+            report("Decoding", 0.0)
+            gaussians = [g.to_gaussian_set() for g in self.pipe.decode_gaussians(slat, num_frames, report)]
+            gaussians = gaussians[first:count]
         with out_of_memory_as_error("Meshing", device):
-            progress.update("Meshing", 0.0)
-            if mesh_path is not None:
-                prefix = slice(0, slat.layout[count - 1].stop)  # rows are grouped by frame: drop the padding frame
-                raw = pipe.decode_meshes(SparseTensor(slat.feats[prefix], slat.coords[prefix]), report)
+            report("Meshing", 0.0)
+            if self.pipe.mesh_decoder_path is not None:
+                layout = slat.layout       # rows are grouped by frame: the new frames, without the padding
+                rows = slice(layout[first].start, layout[count - 1].stop)
+                coords = slat.coords[rows].clone()
+                coords[:, 0] -= first
+                raw = self.pipe.decode_meshes(SparseTensor(slat.feats[rows], coords), report)
             else:
                 raw = []
                 for i, g in enumerate(gaussians):
                     raw.append(mesh_from_gaussians(g))
-                    progress.update("Meshing", (i + 1) / len(gaussians))
+                    report("Meshing", (i + 1) / len(gaussians))
         # CPU work, up to ~15 s a frame at 400k faces (bench/decimation.py): reported, and cancellable, per frame
         meshes = []
         for i, m in enumerate(raw):
-            progress.update("Cleaning meshes", i / len(raw))
+            report("Cleaning meshes", i / len(raw))
             meshes.append(clean_mesh(m, min_component_fraction=settings.min_component_fraction,
                                      fill_holes=settings.fill_holes, target_faces=settings.mesh_target_faces))
-        progress.update("Cleaning meshes", 1.0)
-    keep = coords[:, 0] < count
-    info = asdict(settings)
-    info.update(pipeline_revision=revision, mesh_decoder_source=mesh_source, device=str(device), precision=precision,
-                offload=offload, frames_used=count, padded_frame=count != num_frames, crop_box=list(crop),
-                seconds=round(time.perf_counter() - started, 2))
-    return GenerationResult(num_frames=count, coords=coords[keep].cpu().numpy().astype(np.int32),
-                            slat_feats=slat.feats[keep.to(slat.feats.device)].float().cpu().numpy(),
-                            gaussians=gaussians, meshes=meshes, settings=info, is_random_weights=spec.is_random_weights)
+        report("Cleaning meshes", 1.0)
+        return gaussians, meshes
+
+    def result(self, records: list, gaussians: list, meshes: list, num_frames: int, started: float
+               ) -> GenerationResult:
+        """All windows' new frames as one result (frames on disk stay there)."""
+        if all(isinstance(g, list) for g in gaussians):
+            gaussians, meshes = [g for part in gaussians for g in part], [m for part in meshes for m in part]
+        else:
+            gaussians, meshes = StoredFrames.chain(gaussians), StoredFrames.chain(meshes)
+        info = asdict(self.settings)
+        info.update(self.info, frames_used=num_frames, padded_frame=num_frames % 2 == 1 and len(self.plan) == 1,
+                    crop_box=list(self.box), windows=[[s, e] for s, e in self.plan],
+                    seconds=round(time.perf_counter() - started, 2))
+        return GenerationResult(num_frames=num_frames, coords=np.concatenate([r.coords for r in records]),
+                                slat_feats=np.concatenate([r.slat_feats for r in records]), gaussians=gaussians,
+                                meshes=meshes, settings=info, is_random_weights=self.pipe.spec.is_random_weights)
+
+
+def _continuation(previous: Optional[WindowRecord], known: int, device: torch.device):
+    """(StructureSample, LatentSample) of the last `known` frames of the previous window, or (None, None)."""
+    if previous is None:
+        return None, None
+    window = previous.stop - previous.start
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    structure = StructureSample(t(previous.coords), t(previous.structure_latent), t(previous.structure_noise))
+    latents = LatentSample(t(previous.coords), t(previous.latents), t(previous.latent_noise))
+    return structure.last_frames(known), latents.last_frames(known, window)
 
 
 def animate(result: GenerationResult, *, target_vertices: int = 20000, reference_frame: Optional[int] = None,

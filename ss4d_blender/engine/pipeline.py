@@ -10,6 +10,10 @@ A pipeline folder has the official layout: `pipeline.json` (models, sampler name
 `torch.manual_seed(seed)`, `randn(T, 8, R, R, R)` for the structure, then `randn(N, 8)` for the latents,
 both on the CPU, so a seed gives the reference's noise on every device.
 
+Continuing a clip (`engine.windows`): both flow stages take the samples of the frames an earlier window
+already made (`StructureSample` / `LatentSample` of those frames) and hold them fixed while the other
+frames are sampled; those frames keep their occupancy, coordinates and latents exactly.
+
 Memory: with `offload` each model is on the device only during its stage and freed afterwards.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from .errors import WeightsError
 from .loading import load_model
 from .models.sparse_structure_decoder import occupancy_to_coords
-from .sampler import make_sampler
+from .sampler import KnownFrames, make_sampler
 from .sparse import SparseTensor
 from .types import Mesh
 
@@ -98,6 +102,40 @@ class SamplingOptions:
         return out
 
 
+@dataclass
+class StructureSample:
+    """The structure stage's outcome for a run of frames: coords int32 [N, 4] (frame, x, y, z);
+    latent / noise float32 [T, C, R, R, R] (the flow's sample and the noise it started from)."""
+
+    coords: torch.Tensor
+    latent: torch.Tensor
+    noise: torch.Tensor
+
+    def last_frames(self, count: int) -> "StructureSample":
+        """The last `count` frames, renumbered from 0."""
+        first = self.latent.shape[0] - count
+        coords = self.coords[self.coords[:, 0] >= first].clone()
+        coords[:, 0] -= first
+        return StructureSample(coords, self.latent[first:], self.noise[first:])
+
+
+@dataclass
+class LatentSample:
+    """The latent stage's outcome: coords int32 [N, 4]; feats / noise float32 [N, C] (the flow's normalised
+    sample and its noise), rows grouped by frame."""
+
+    coords: torch.Tensor
+    feats: torch.Tensor
+    noise: torch.Tensor
+
+    def last_frames(self, count: int, num_frames: int) -> "LatentSample":
+        first = num_frames - count
+        rows = self.coords[:, 0] >= first
+        coords = self.coords[rows].clone()
+        coords[:, 0] -= first
+        return LatentSample(coords, self.feats[rows], self.noise[rows])
+
+
 def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -140,38 +178,74 @@ class SS4DPipeline:
                          options: SamplingOptions = SamplingOptions(), progress: ProgressFn = None) -> torch.Tensor:
         """cond / neg_cond [T, L, C] -> coords int32 [N, 4] (frame, x, y, z) at the decoder's resolution.
         Draws randn(T, C, R, R, R) from torch's default CPU generator."""
+        return self.sample_structure_frames(cond, neg_cond, num_frames, options, progress).coords
+
+    def sample_structure_frames(self, cond: torch.Tensor, neg_cond: torch.Tensor, num_frames: int,
+                                options: SamplingOptions = SamplingOptions(), progress: ProgressFn = None,
+                                known: Optional[StructureSample] = None) -> StructureSample:
+        """As `sample_structure`, returning the sample and its noise too. known: the first K frames' sample
+        (K = known.latent.shape[0]), held fixed; their noise replaces the first K of the T drawn, and their
+        coords are returned unchanged (only the other frames are decoded)."""
         flow = self.model("sparse_structure_flow_model")
         r = flow.resolution
         noise = torch.randn(num_frames, flow.in_channels, r, r, r).to(self.device, torch.float32)
+        held, k = None, 0
+        if known is not None:
+            k = known.latent.shape[0]
+            noise[:k] = known.noise.to(noise)
+            held = KnownFrames(torch.arange(k, device=self.device), known.latent.to(noise), noise[:k].clone())
         spec = self.spec.structure_sampler
         sampler = make_sampler(spec.name, spec.args)
         params = options.apply(spec.params, options.structure_cfg)
         report = (lambda i, n: progress("Sampling structure", i / n)) if progress else None
         z = sampler.sample(flow, noise, cond.to(self.device), neg_cond.to(self.device), num_frames=num_frames,
-                           progress=report, **params).samples
+                           progress=report, known=held, **params).samples
         self.done_with("sparse_structure_flow_model")
         decoder = self.model("sparse_structure_decoder")
         with torch.no_grad():
-            coords = occupancy_to_coords(decoder(z))
+            coords = occupancy_to_coords(decoder(z[k:]))
         self.done_with("sparse_structure_decoder")
-        return coords
+        if known is not None:
+            coords[:, 0] += k
+            coords = torch.cat([known.coords.to(coords), coords])
+        return StructureSample(coords, z.float(), noise)
 
     def sample_latents(self, cond: torch.Tensor, neg_cond: torch.Tensor, coords: torch.Tensor, num_frames: int,
                        options: SamplingOptions = SamplingOptions(), progress: ProgressFn = None) -> SparseTensor:
         """coords [N, 4] -> denormalised structured latents [N, 8] (same rows). Draws randn(N, 8)."""
+        sample = self.sample_latent_frames(cond, neg_cond, coords, num_frames, options, progress)
+        return self.denormalise(sample)
+
+    def sample_latent_frames(self, cond: torch.Tensor, neg_cond: torch.Tensor, coords: torch.Tensor,
+                             num_frames: int, options: SamplingOptions = SamplingOptions(),
+                             progress: ProgressFn = None, known: Optional[LatentSample] = None) -> LatentSample:
+        """As `sample_latents`, returning the normalised sample and its noise. known: the first frames'
+        sample; `coords` must start with `known.coords` (as `sample_structure_frames` returns them), whose
+        rows are held at `known.feats` with `known.noise`."""
         flow = self.model("slat_flow_model")
         noise = torch.randn(coords.shape[0], flow.in_channels).to(self.device, torch.float32)
-        x = SparseTensor(noise, coords.to(self.device).int())
+        coords = coords.to(self.device).int()
+        held = None
+        if known is not None:
+            n = known.coords.shape[0]
+            if not torch.equal(coords[:n].cpu(), known.coords.cpu().int()):
+                raise ValueError("coords must start with the known frames' coords")
+            noise[:n] = known.noise.to(noise)
+            held = KnownFrames(torch.arange(n, device=self.device), known.feats.to(noise), noise[:n].clone())
         spec = self.spec.latent_sampler
         sampler = make_sampler(spec.name, spec.args)
         params = options.apply(spec.params, options.latent_cfg)
         report = (lambda i, n: progress("Sampling latents", i / n)) if progress else None
-        slat = sampler.sample(flow, x, cond.to(self.device), neg_cond.to(self.device), num_frames=num_frames,
-                              progress=report, **params).samples
+        slat = sampler.sample(flow, SparseTensor(noise, coords), cond.to(self.device), neg_cond.to(self.device),
+                              num_frames=num_frames, progress=report, known=held, **params).samples
         self.done_with("slat_flow_model")
+        return LatentSample(coords, slat.feats.float(), noise)
+
+    def denormalise(self, sample: LatentSample) -> SparseTensor:
+        """Normalised latents -> the decoders' input: feats * std + mean (pipeline.json's slat_normalization)."""
         mean = torch.tensor(self.spec.latent_mean, device=self.device)[None]
         std = torch.tensor(self.spec.latent_std, device=self.device)[None]
-        return slat.replace(slat.feats.float() * std + mean)
+        return SparseTensor(sample.feats * std + mean, sample.coords)
 
     def decode_gaussians(self, slat: SparseTensor, num_frames: int, progress: ProgressFn = None):
         """-> list of GaussianFrame (torch, on the device), one per frame."""
@@ -201,3 +275,4 @@ class SS4DPipeline:
                 progress("Meshing", (i + 1) / len(frames))
         self.done_with("slat_decoder_mesh")
         return meshes
+

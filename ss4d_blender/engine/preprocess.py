@@ -14,6 +14,7 @@ repeating the last frame (`pad_to_even`); the extra frame's output is dropped by
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -89,10 +90,12 @@ def crop_padded(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Te
     return out
 
 
-def preprocess_frames(frames: np.ndarray, size: int = SIZE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """uint8 [T, H, W, 4] -> (float32 [T, 3, size, size] premultiplied RGB in 0..1, crop box)."""
+def preprocess_frames(frames: np.ndarray, size: int = SIZE, box: Optional[tuple[int, int, int, int]] = None
+                      ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """uint8 [T, H, W, 4] -> (float32 [T, 3, size, size] premultiplied RGB in 0..1, crop box). box: the crop
+    box to use (e.g. the whole clip's, when these frames are one window of it); None = these frames' own."""
     check_frames(frames)
-    box = crop_box(frames[..., 3])
+    box = crop_box(frames[..., 3]) if box is None else box
     side = box[2] - box[0]
     if side <= 0:
         raise InputError("The foreground is too small (a single pixel) to be used.")

@@ -25,8 +25,8 @@ class GenerationResult:
     num_frames: int
     coords: np.ndarray                 # int32 [N, 4] (frame, x, y, z) at 64^3
     slat_feats: np.ndarray             # float32 [N, 8], denormalised
-    gaussians: list                    # GaussianSet per frame
-    meshes: list                       # Mesh per frame (cleaned)
+    gaussians: list                    # GaussianSet per frame (a list, or `windows.StoredFrames` on disk)
+    meshes: list                       # Mesh per frame (cleaned; a list, or `windows.StoredFrames` on disk)
     settings: dict = field(default_factory=dict)
     is_random_weights: bool = False    # tiny random-weight pipeline: the result is noise
     warnings: list = field(default_factory=list)   # what every front end shows the user after the run
@@ -36,32 +36,75 @@ class GenerationResult:
             self.warnings = [RANDOM_WEIGHTS_WARNING] + list(self.warnings)
 
     def save(self, path: Union[str, Path]) -> Path:
-        from safetensors.numpy import save_file
-
+        """Writes the result file one array at a time: frames kept on disk (`windows.StoredFrames`) are
+        copied frame by frame, so saving a long clip never holds all its frames in memory."""
         path = Path(path)
-        tensors = {"coords": np.ascontiguousarray(self.coords, np.int32),
-                   "slat_feats": np.ascontiguousarray(self.slat_feats, np.float32)}
-        for i, g in enumerate(self.gaussians):
-            for name in GAUSSIAN_FIELDS:
-                tensors[f"gaussians.{i}.{name}"] = np.ascontiguousarray(getattr(g, name), np.float32)
-        for i, m in enumerate(self.meshes):
-            tensors[f"meshes.{i}.vertices"] = np.ascontiguousarray(m.vertices, np.float32)
-            tensors[f"meshes.{i}.faces"] = np.ascontiguousarray(m.faces, np.int32)
-            if m.colors is not None:
-                tensors[f"meshes.{i}.colors"] = np.ascontiguousarray(m.colors, np.float32)
+        arrays = [("coords", "I32", list(self.coords.shape), lambda: np.ascontiguousarray(self.coords, np.int32)),
+                  ("slat_feats", "F32", list(self.slat_feats.shape),
+                   lambda: np.ascontiguousarray(self.slat_feats, np.float32))]
+        arrays += _frame_arrays("gaussians", self.gaussians)
+        arrays += _frame_arrays("meshes", self.meshes)
         meta = {"format": FORMAT, "num_frames": str(self.num_frames),
                 "num_gaussian_frames": str(len(self.gaussians)), "num_mesh_frames": str(len(self.meshes)),
                 "settings": json.dumps(self.settings), "is_random_weights": json.dumps(self.is_random_weights),
                 "warnings": json.dumps(list(self.warnings))}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata=meta)
+        _write_safetensors(tmp, arrays, meta)
         tmp.replace(path)  # never leave a half-written result under the real name
         return path
 
 
-def load_result(path: Union[str, Path]) -> GenerationResult:
+SAFETENSORS_DTYPES = {"F32": np.float32, "I32": np.int32}
+
+
+def _frame_arrays(kind: str, frames) -> list:
+    """(name, dtype, shape, read) of every array of every frame: GaussianSet / Mesh objects in memory, or
+    frames on disk (anything with `specs(i)` and `array(i, name)`, e.g. `windows.StoredFrames`)."""
+    out = []
+    for i in range(len(frames)):
+        if hasattr(frames, "specs"):
+            for name, dtype, shape in frames.specs(i):
+                out.append((f"{kind}.{i}.{name}", dtype, shape, lambda i=i, name=name: frames.array(i, name)))
+            continue
+        item = frames[i]
+        if kind == "gaussians":
+            fields = [(n, getattr(item, n), "F32") for n in GAUSSIAN_FIELDS]
+        else:
+            fields = [("vertices", item.vertices, "F32"), ("faces", item.faces, "I32")]
+            fields += [("colors", item.colors, "F32")] if item.colors is not None else []
+        for name, a, dtype in fields:
+            a = np.ascontiguousarray(a, SAFETENSORS_DTYPES[dtype])
+            out.append((f"{kind}.{i}.{name}", dtype, list(a.shape), lambda a=a: a))
+    return out
+
+
+def _write_safetensors(path: Path, arrays: list, metadata: dict) -> None:
+    """The safetensors layout (8-byte little-endian header size, JSON header padded to 8 bytes, then the
+    raw arrays back to back in header order), written one array at a time."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, dtype, shape, _ in arrays:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name, dtype, shape, read in arrays:
+            a = np.ascontiguousarray(read(), SAFETENSORS_DTYPES[dtype])
+            if list(a.shape) != [int(s) for s in shape]:
+                raise ValueError(f"{name}: shape {list(a.shape)} differs from the announced {shape}")
+            f.write(a.tobytes())
+
+
+def load_result(path: Union[str, Path], lazy: bool = False) -> GenerationResult:
+    """lazy: Gaussians and meshes stay in the file and are read one frame at a time when indexed (a long
+    clip's frames need not fit in memory together)."""
     from safetensors import safe_open
+
+    from .windows import FrameFile
 
     path = Path(path)
     if not path.is_file():
@@ -72,6 +115,13 @@ def load_result(path: Union[str, Path]) -> GenerationResult:
             raise ValueError(f"{path} is not an SS4D result file (format {meta.get('format')!r})")
         get = f.get_tensor
         keys = set(f.keys())
+        if lazy:
+            frames = FrameFile(path)
+            return GenerationResult(num_frames=int(meta["num_frames"]), coords=get("coords"),
+                                    slat_feats=get("slat_feats"), gaussians=frames.gaussians(),
+                                    meshes=frames.meshes(), settings=json.loads(meta["settings"]),
+                                    is_random_weights=json.loads(meta["is_random_weights"]),
+                                    warnings=json.loads(meta.get("warnings", "[]")))
         gaussians = [GaussianSet(**{n: get(f"gaussians.{i}.{n}") for n in GAUSSIAN_FIELDS})
                      for i in range(int(meta["num_gaussian_frames"]))]
         meshes = [Mesh(get(f"meshes.{i}.vertices"), get(f"meshes.{i}.faces"),

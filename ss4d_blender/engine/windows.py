@@ -68,7 +68,7 @@ def window_seed(seed: int, index: int) -> int:
     a plain run draws), a hash of (seed, index) for the others."""
     if index == 0:
         return int(seed)
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, index]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, index]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def frames_digest(frames: np.ndarray) -> str:
@@ -152,7 +152,7 @@ class WindowCache:
     def load(self, index: int, digest: str, with_frames: bool = False) -> Optional[WindowRecord]:
         """The stored window `index` if it was made from frames with this digest, else None. Gaussians and
         meshes are read only `with_frames` (a `FrameFile` reads them one at a time otherwise)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = self.path(index)
         if not path.is_file():
@@ -170,7 +170,7 @@ class WindowCache:
                 frames = FrameFile(path)
                 record.gaussians, record.meshes = list(frames.gaussians()), list(frames.meshes())
             return record
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, SafetensorError):
             return None            # a damaged cache file: the window is generated again
 
 
