@@ -236,3 +236,35 @@ def test_registration_through_a_long_clip_keeps_one_mesh_without_drift_or_jumps(
     boundaries = [plan[k - 1][1] - 1 for k in range(1, len(plan))]   # last frame of window k-1 -> next frame
     print("motion median", np.median(motion), "at boundaries", motion[boundaries])
     assert (motion[boundaries] <= 2 * np.median(motion)).all()
+
+
+# ------------------------------------------------------------------------------------------ timeline
+@pytest.mark.blender
+@pytest.mark.parametrize("mode", ["shape_keys", "mesh_cache"])
+def test_every_generated_frame_plays_at_its_scene_frame_with_linear_in_betweens(mode, tmp_path):
+    bpy = pytest.importorskip("bpy")
+    from ss4d_blender.blender.scene_build import build_animated_object, placement
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    rng = np.random.default_rng(0)
+    faces = np.array([[0, 1, 2], [0, 2, 3], [0, 3, 1], [1, 3, 2]], np.int32)
+    vertices = (np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)[None]
+                + 0.2 * rng.normal(size=(6, 4, 3)).astype(np.float32))
+    scene_frames = [10, 12, 14, 16, 18, 20]                    # a strip from frame 10, every other frame (step 2)
+    obj = build_animated_object(bpy.context, "clip", faces, vertices, None, scene_frames, 0, 2.0, mode=mode,
+                                cache_path=str(tmp_path / "clip.pc2"))
+    if mode == "shape_keys":
+        assert [k.name for k in obj.data.shape_keys.key_blocks][1:] == [f"Frame {f}" for f in scene_frames]
+    else:
+        assert obj.data.shape_keys is None and obj.modifiers[0].type == "MESH_CACHE"
+    scale, offset = placement(vertices, 2.0)
+    local = (vertices - offset) * scale
+    scene = bpy.context.scene
+    co = np.empty(12, np.float32)
+    for frame, expected in [(10, local[0]), (14, local[2]), (15, 0.5 * (local[2] + local[3])), (20, local[5])]:
+        scene.frame_set(frame)
+        evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+        mesh = evaluated.to_mesh()
+        mesh.vertices.foreach_get("co", co)
+        evaluated.to_mesh_clear()
+        np.testing.assert_allclose(co.reshape(4, 3), expected, atol=1e-5)

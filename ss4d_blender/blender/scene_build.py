@@ -7,6 +7,11 @@ hold the first / last shape. Relative keys would need one F-curve per key (T cur
 the same result; artists can still edit individual keys (each key block is named after its scene frame).
 Key blocks use linear key interpolation, so a generated frame's shape is reproduced exactly.
 
+Long clips: `mode="mesh_cache"` replaces the shape keys by a Mesh Cache modifier reading a PC2 point
+cache written beside the .blend (one sample per scene frame from the first generated frame to the last,
+linear between generated frames), for animations whose keys would make the .blend too large
+(bench/RESULTS.md, "Long clips").
+
 Coordinates: the engine's model box is Z-up; the mesh is scaled so that the object's height over the
 whole animation equals the requested height, its bottom centre at the object origin, placed at the 3D
 cursor. Everything is created in one go after the generator succeeded, and removed again if building
@@ -15,11 +20,13 @@ fails, so the scene is never left half-modified.
 from __future__ import annotations
 
 import json
+import os
 
 import bpy
 import numpy as np
 
 COLOR_ATTRIBUTE = "Color"
+MODES = ("shape_keys", "mesh_cache")
 
 
 def placement(vertices: np.ndarray, height: float) -> tuple[float, np.ndarray]:
@@ -64,9 +71,16 @@ def _material(name: str):
 
 def build_animated_object(context, name: str, faces: np.ndarray, vertices: np.ndarray, colors,
                           scene_frames: list[int], reference_frame: int, height: float,
-                          collection_name: str = "", properties: dict | None = None):
+                          collection_name: str = "", properties: dict | None = None,
+                          mode: str = "shape_keys", cache_path: str = ""):
     """faces int [F, 3]; vertices float [T, V, 3] (engine units, Z-up); colors [V, 3] linear or None;
-    scene_frames: the scene frame of each generated frame. Returns the new object."""
+    scene_frames: the scene frame of each generated frame (increasing). mode: "shape_keys" (one absolute key
+    per generated frame) or "mesh_cache" (a Mesh Cache modifier reading the PC2 file `cache_path`, written
+    here). Returns the new object."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    if mode == "mesh_cache" and not cache_path:
+        raise ValueError("mode 'mesh_cache' needs a cache_path for the PC2 file")
     T, V, _ = vertices.shape
     scale, offset = placement(vertices, height)
     local = ((vertices - offset) * scale).astype(np.float32)
@@ -90,26 +104,15 @@ def build_animated_object(context, name: str, faces: np.ndarray, vertices: np.nd
         mat = _material(f"{name}_material")
         created.append(mat)
         mesh.materials.append(mat)
-        for poly in mesh.polygons:
-            poly.use_smooth = True
+        mesh.polygons.foreach_set("use_smooth", np.ones(len(faces), bool))
 
         obj = bpy.data.objects.new(name, mesh)
         created.append(obj)
         obj.location = context.scene.cursor.location.copy()
-        obj.shape_key_add(name="Basis", from_mix=False)
-        for i in range(T):
-            block = obj.shape_key_add(name=f"Frame {scene_frames[i]}", from_mix=False)
-            block.data.foreach_set("co", local[i].ravel())
-            block.interpolation = "KEY_LINEAR"
-        key = mesh.shape_keys
-        created.append(key)
-        key.use_relative = False
-        for i, frame in enumerate(scene_frames):
-            key.eval_time = 10.0 * (i + 1)
-            key.keyframe_insert("eval_time", frame=frame)
-        if key.animation_data and key.animation_data.action:
-            created.append(key.animation_data.action)
-            _set_linear(key.animation_data.action)
+        if mode == "shape_keys":
+            _add_shape_keys(obj, local, scene_frames, created)
+        else:
+            _add_mesh_cache(obj, local, scene_frames, cache_path)
 
         collection = _collection(context, collection_name, created)
         collection.objects.link(obj)
@@ -122,6 +125,60 @@ def build_animated_object(context, name: str, faces: np.ndarray, vertices: np.nd
         for block in reversed(created):
             _remove(block)
         raise
+
+
+def _add_shape_keys(obj, local: np.ndarray, scene_frames: list[int], created: list) -> None:
+    """One absolute key per generated frame on the eval_time axis, keyed (linear) at its scene frame."""
+    obj.shape_key_add(name="Basis", from_mix=False)
+    for i in range(local.shape[0]):
+        block = obj.shape_key_add(name=f"Frame {scene_frames[i]}", from_mix=False)
+        block.data.foreach_set("co", local[i].ravel())
+        block.interpolation = "KEY_LINEAR"
+    key = obj.data.shape_keys
+    created.append(key)
+    key.use_relative = False
+    for i, frame in enumerate(scene_frames):
+        key.eval_time = 10.0 * (i + 1)
+        key.keyframe_insert("eval_time", frame=frame)
+    if key.animation_data and key.animation_data.action:
+        created.append(key.animation_data.action)
+        _set_linear(key.animation_data.action)
+
+
+def per_scene_frame(local: np.ndarray, scene_frames: list[int]) -> np.ndarray:
+    """[T, V, 3] at increasing scene frames -> [scene_frames[-1] - scene_frames[0] + 1, V, 3], one sample per
+    scene frame, linear between generated frames (what the shape keys play)."""
+    frames = np.arange(scene_frames[0], scene_frames[-1] + 1)
+    upper = np.clip(np.searchsorted(scene_frames, frames, side="right"), 1, len(scene_frames) - 1)
+    f0, f1 = np.asarray(scene_frames)[upper - 1], np.asarray(scene_frames)[upper]
+    s = np.clip((frames - f0) / np.maximum(f1 - f0, 1), 0, 1).astype(np.float32)[:, None, None]
+    return (1 - s) * local[upper - 1] + s * local[upper]
+
+
+def write_pc2(path: str, samples: np.ndarray, start_frame: float) -> None:
+    """A PC2 point cache: header ('POINTCACHE2', version 1, points, start frame, sample rate 1, samples),
+    then float32 [samples, points, 3]."""
+    header = np.zeros(1, dtype=[("magic", "S12"), ("version", "<i4"), ("points", "<i4"), ("start", "<f4"),
+                                ("rate", "<f4"), ("samples", "<i4")])
+    header[0] = (b"POINTCACHE2\0", 1, samples.shape[1], start_frame, 1.0, samples.shape[0])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.ascontiguousarray(samples, "<f4").tobytes())
+
+
+def _add_mesh_cache(obj, local: np.ndarray, scene_frames: list[int], cache_path: str) -> None:
+    """A Mesh Cache modifier playing a PC2 file with one sample per scene frame from the first generated one."""
+    write_pc2(bpy.path.abspath(cache_path), per_scene_frame(local, scene_frames), float(scene_frames[0]))
+    modifier = obj.modifiers.new("SS4D Mesh Cache", "MESH_CACHE")
+    modifier.cache_format = "PC2"
+    modifier.filepath = cache_path
+    modifier.time_mode = "FRAME"
+    modifier.play_mode = "SCENE"
+    modifier.frame_start = float(scene_frames[0])
+    modifier.frame_scale = 1.0
+    modifier.interpolation = "LINEAR"
+    modifier.forward_axis, modifier.up_axis = "POS_Y", "POS_Z"
 
 
 def _collection(context, name: str, created: list):
@@ -147,7 +204,7 @@ def _remove(block) -> None:
 
 
 def replace_animation(obj, faces, vertices, colors, scene_frames, reference_frame, height,
-                      properties: dict | None = None):
+                      properties: dict | None = None, mode: str = "shape_keys", cache_path: str = ""):
     """Rebuild mesh: a new object built from a new animation takes the old one's place (same name,
     collections, location, custom properties with `properties` replacing theirs, selection and active
     state); the old object and its data are removed."""
@@ -160,7 +217,7 @@ def replace_animation(obj, faces, vertices, colors, scene_frames, reference_fram
     location = obj.location.copy()
     name = obj.name
     new = build_animated_object(context, name + "_rebuilt", faces, vertices, colors, scene_frames, reference_frame,
-                                height, "", props)
+                                height, "", props, mode=mode, cache_path=cache_path)
     context.scene.collection.objects.unlink(new)
     for c in collections:
         c.objects.link(new)
