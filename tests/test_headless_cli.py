@@ -216,3 +216,26 @@ def test_help_documents_every_flag_with_its_default():
             assert action.help and "default" in action.help, action.option_strings
     matting = next(a for a in generate._actions if "--matting" in a.option_strings)
     assert ".mp4 has no alpha" in matting.help
+
+
+def test_frame_range_outside_the_clip_is_refused(tmp_path, shared_dir, tiny):
+    line = error_line(headless(shared_dir / "samples" / "rose", "-o", tmp_path / "r.blend", "--pipeline", tiny,
+                               "--start", 500))
+    assert "--start 500 is outside the folder rose" in line
+
+
+def test_success_replaces_the_earlier_output_and_leaves_the_temp_directory_as_it_was(tmp_path, shared_dir, tiny,
+                                                                                     earlier):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    gltf = earlier.parent / "clip.gltf"
+    out = headless(frame_folder(tmp_path, shared_dir), "-o", earlier, "--export", gltf, "--pipeline", tiny,
+                   "--frames", "all", "--vertices", "500", "--device", "cpu", env=dict(os.environ, TMPDIR=str(temp)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert earlier.read_bytes() != EARLIER and earlier.stat().st_size > 10000  # the new .blend
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["clip.bin", "clip.blend", "clip.gltf",
+                                                                 "clip_SS4D_frames_ss4d.safetensors"]
+    modes = {p.stat().st_mode & 0o777 for p in earlier.parent.iterdir()}
+    assert len(modes) == 1, modes
+    assert sorted(temp.iterdir()) == []
+    assert out.stderr.count("warning: made with the tiny random-weight pipeline") == 1
