@@ -2,9 +2,9 @@
 Imports the engine's bpy-free modules (never torch: the model runs in a worker process)."""
 from __future__ import annotations
 
-from . import operators, panels, preferences, properties
+from . import armature, operators, panels, preferences, properties
 
-MODULES = (properties, preferences, operators, panels)
+MODULES = (properties, preferences, operators, armature, panels)
 
 
 def register():
