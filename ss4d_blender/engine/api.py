@@ -112,16 +112,19 @@ def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSetti
     the same settings and frames resumes after the last finished window, e.g. after a cancel."""
     progress = progress or Progress()
     started = time.perf_counter()
+    # 1. Check the inputs, before any weights are loaded
     check_frames(frames_rgba)
     check_window_settings(settings.window, settings.overlap, settings.step)
     clip = frames_rgba[::settings.step]
     check_frames(clip)
     box = crop_box(clip[..., 3])  # an empty alpha fails here, before any weights are loaded; one box for all windows
+    # 2. Plan the windows and load the pipeline
     plan = plan_windows(clip.shape[0], settings.window, settings.overlap)
     run = _WindowRun.start(settings, progress, box, plan)
     cache = None
     if window_cache is not None and len(plan) > 1:
         cache = WindowCache(window_cache, settings_key(asdict(settings), clip.shape[0], clip.shape[1:]))
+    # 3. Generate each window (`_WindowRun.window`), or read it back from the window cache
     records, gaussians, meshes = [], [], []
     with torch.inference_mode():
         previous = None
@@ -139,6 +142,7 @@ def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSetti
             meshes.append(record.meshes)
             records.append(_without_frames(record))
             previous = record
+    # 4. All windows' new frames as one result
     return run.result(records, gaussians, meshes, clip.shape[0], started)
 
 
@@ -209,10 +213,12 @@ class _WindowRun:
         report = self.report(index)
         frames, count = pad_to_even(frames)       # a one-window clip of odd length: the last frame repeated
         num_frames, device, pipe = frames.shape[0], self.pipe.device, self.pipe
+        # 3.1 Encode the frames (DINOv2)
         cond = self.encode(frames, report)
         neg_cond = torch.zeros_like(cond)
         structure_known, latent_known = _continuation(previous, known, device)
         torch.manual_seed(window_seed(self.settings.seed, index))
+        # 3.2 Sample the sparse structure of every frame
         with out_of_memory_as_error("Sampling structure", device):
             report("Sampling structure", 0.0)
             structure = pipe.sample_structure_frames(cond, neg_cond, num_frames, self.options, report, structure_known)
@@ -221,10 +227,12 @@ class _WindowRun:
             empty = [start + int(i) for i in torch.nonzero(counts == 0).flatten()]
             raise SS4DError(f"The model produced no geometry for frame(s) {empty}. Try another seed or check that "
                             f"the object is clearly visible.")
+        # 3.3 Sample the structured latents on that structure
         with out_of_memory_as_error("Sampling latents", device):
             report("Sampling latents", 0.0)
             latents = pipe.sample_latent_frames(cond, neg_cond, structure.coords, num_frames, self.options, report,
                                                 latent_known)
+        # 3.4 Decode Gaussians and meshes, and clean the meshes (`decode`)
         slat = pipe.denormalise(latents)
         gaussians, meshes = self.decode(slat, num_frames, known, count, report)
         new = (latents.coords[:, 0] >= known) & (latents.coords[:, 0] < count)
@@ -257,7 +265,7 @@ class _WindowRun:
                 for i, g in enumerate(gaussians):
                     raw.append(mesh_from_gaussians(g))
                     report("Meshing", (i + 1) / len(gaussians))
-        # CPU work, up to ~15 s a frame at 400k faces (bench/decimation.py): reported, and cancellable, per frame
+        # CPU work that grows with the mesh (bench/decimation.py): reported, and cancellable, per frame
         meshes = []
         for i, m in enumerate(raw):
             report("Cleaning meshes", i / len(raw))
