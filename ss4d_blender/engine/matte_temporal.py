@@ -110,16 +110,15 @@ def _linked_parts(before: np.ndarray, after: np.ndarray, radius: int) -> np.ndar
     inner[:-1] &= after[:-1] == after[1:]
     inner[:, 1:] &= after[:, 1:] == after[:, :-1]
     inner[:, :-1] &= after[:, :-1] == after[:, 1:]
-    width = int(after.max()) + 1
-    codes = [before[fg].astype(np.int64) * width + after[fg]]
+    hits = np.zeros((int(before.max()) + 1, int(after.max()) + 1), bool)  # [part before, part after]
+    hits[before[fg], after[fg]] = True
     ys, xs = np.nonzero(fg & ~inner)
+    edge_parts = after[ys, xs]
     padded = np.pad(before, radius)
     for dy in range(2 * radius + 1):
         for dx in range(2 * radius + 1):
-            codes.append(padded[ys + dy, xs + dx].astype(np.int64) * width + after[ys, xs])
-    codes = np.unique(np.concatenate(codes))
-    pairs = np.stack([codes // width, codes % width], axis=1)
-    return pairs[pairs[:, 0] > 0]
+            hits[padded[ys + dy, xs + dx], edge_parts] = True
+    return np.argwhere(hits[1:, 1:]) + 1
 
 
 def _tracks(labels: list[np.ndarray], counts: list[int], link_radius: int) -> tuple[np.ndarray, list[int]]:
@@ -188,7 +187,7 @@ def _box_blur(x: np.ndarray, radius: int) -> np.ndarray:
 def stillness(frames_rgb: np.ndarray, still_threshold: float = 0.04, radius: int = 2) -> np.ndarray:
     """frames uint8 [T, H, W, 3+] -> float32 [T, H, W]: 1 where frame t looks like frame t-1 (the local mean
     brightness changed by 0), falling to 0 at a change of `still_threshold`. Frame 0: 0."""
-    gray = frames_rgb[..., :3].astype(np.float32).mean(axis=-1) / 255.0
+    gray = frames_rgb[..., :3].astype(np.float32) @ np.full(3, 1 / 765, np.float32)  # [T, H, W] in 0..1
     still = np.zeros(gray.shape, np.float32)
     for t in range(1, len(gray)):
         change = _box_blur(np.abs(gray[t] - gray[t - 1])[None], radius)[0]
