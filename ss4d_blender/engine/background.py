@@ -33,7 +33,7 @@ STAGE = "Removing background"
 INPUT_SIZE = 1024  # the released models' input side
 RANDOM_WEIGHTS_KEY = "is_random_weights"  # safetensors metadata of random-weight test models
 INPUT_SIZE_KEY = "input_size"  # safetensors metadata: a test model's input side (released models: absent)
-DEFAULT_BATCH = {"cuda": 8, "mps": 2, "cpu": 1}  # frames per model call
+DEFAULT_BATCH = {"cuda": 4, "mps": 2, "cpu": 1}  # frames per model call
 
 
 @dataclass
@@ -55,6 +55,17 @@ class MatteResult:
     variant: str
     is_random_weights: bool
     warnings: list[str] = field(default_factory=list)
+
+
+def source_has_alpha(frames: np.ndarray, min_transparent: float = 0.01) -> bool:
+    """Whether frames uint8 [T, H, W, 3|4] carry usable alpha ("Automatic" matting picks it then, else the
+    learned matte): a 4th channel that is transparent (< 128) in at least `min_transparent` of the pixels of
+    some frame and opaque somewhere."""
+    if frames.ndim != 4 or frames.shape[-1] != 4:
+        return False
+    alpha = frames[..., 3]
+    transparent = (alpha < 128).reshape(len(frames), -1).mean(axis=1)
+    return bool(transparent.max() >= min_transparent and (alpha >= 128).any())
 
 
 def matting_source(model: Optional[str] = None, quality: str = "best", pipeline: Optional[str] = None) -> str:
