@@ -201,6 +201,16 @@ def test_pickle_only_folder_refused(tmp_path):
         background.resolve_matting_weights(str(tmp_path / "pytorch_model.bin"))
 
 
+@pytest.mark.parametrize("crop", [(300, 200), (50, 40)])
+def test_input_resize_matches_pil_bilinear(crop):
+    """The reference resizes PIL images (bilinear, antialiased when shrinking) to 1024^2; ours is within
+    PIL's own uint8 rounding of it, shrinking and enlarging."""
+    img = np.random.default_rng(0).integers(0, 255, crop + (3,), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(img).resize((64, 64), Image.BILINEAR), np.float32)
+    ours = background._resize_antialiased(torch.from_numpy(img).permute(2, 0, 1)[None].float(), 64)
+    assert np.abs(ours[0].permute(1, 2, 0).numpy() - pil).max() <= 1.0
+
+
 def test_predict_alpha_batches_progress_and_cancel(tiny_model_dir):
     matting = load_matting_model(str(tiny_model_dir))
     frames, _ = moving_disc_frames(t=3)

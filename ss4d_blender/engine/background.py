@@ -144,13 +144,27 @@ def _predict_batch(matting: MattingModel, frames: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(frames[..., :3])).to(weight.device)
         x = x.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W]
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = _resize_antialiased(x, size)  # [B, 3, size, size]
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         logits = model(((x - mean) / std).to(weight.dtype))  # [B, 1, size, size]
         alpha = torch.sigmoid(logits.float())
         alpha = F.interpolate(alpha, size=(h, w), mode="bilinear", align_corners=True)
     return alpha[:, 0].clamp(0, 1).cpu().numpy()
+
+
+def _resize_antialiased(x, size: int):
+    """Bilinear resize with antialiasing (as PIL, which the reference's transforms use) to size x size; on
+    the CPU where the device has no antialiased kernel."""
+    import torch.nn.functional as F
+
+    try:
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    except (NotImplementedError, RuntimeError):
+        if x.device.type == "cpu":
+            raise
+        return F.interpolate(x.cpu(), size=(size, size), mode="bilinear", align_corners=False,
+                             antialias=True).to(x.device)
 
 
 def predict_alpha(matting: MattingModel, frames_rgb: np.ndarray, batch_size: Optional[int] = None,
