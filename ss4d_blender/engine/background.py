@@ -21,13 +21,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .errors import DeviceOutOfMemory, InputError, WeightsError
+from .hub import BIREFNET_LITE_REPO, BIREFNET_REPO, MATTING_FILES, PICKLE_SUFFIXES
 
-BIREFNET_REPO = "ZhengPeng7/BiRefNet"  # swin_v1_l, ~885 MB fp32
-BIREFNET_LITE_REPO = "ZhengPeng7/BiRefNet_lite"  # swin_v1_t, ~180 MB fp32
 MATTING_QUALITIES = {"best": BIREFNET_REPO, "fast": BIREFNET_LITE_REPO}
-# commit each repository is pinned to; None: branch "main", and the commit downloaded is recorded
-MATTING_REVISIONS: dict[str, Optional[str]] = {BIREFNET_REPO: None, BIREFNET_LITE_REPO: None}
-MATTING_FILES = ["model.safetensors"]  # all that is downloaded from a matting repository
 PIPELINE_MATTING_FOLDER = "birefnet"  # a pipeline folder's own matting model: DIR/birefnet/model.safetensors
 STAGE = "Removing background"
 INPUT_SIZE = 1024  # the released models' input side
@@ -91,8 +87,7 @@ def resolve_matting_weights(source: str, revision: Optional[str] = None, cache_d
         if path.suffix != ".safetensors":
             raise WeightsError(f"{path}: only .safetensors matting weights are read (never pickles).")
         return path, "local"
-    folder, used = resolve(source, revision or MATTING_REVISIONS.get(source), cache_dir,
-                           allow_patterns=MATTING_FILES, progress=progress_bars)
+    folder, used = resolve(source, revision, cache_dir, allow_patterns=MATTING_FILES, progress=progress_bars)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
@@ -102,9 +97,6 @@ def resolve_matting_weights(source: str, revision: Optional[str] = None, cache_d
         raise WeightsError(f"{weights} is missing: the matting model folder must hold BiRefNet's model.safetensors "
                            f"({BIREFNET_REPO} or {BIREFNET_LITE_REPO} on the Hugging Face hub).")
     return weights, used
-
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 
 def load_matting_model(source: str, device="cpu", precision: str = "auto", revision: Optional[str] = None,

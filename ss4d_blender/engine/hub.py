@@ -19,15 +19,21 @@ from .errors import WeightsError
 SS4D_REPO = "lizb6626/SS4D"
 TRELLIS_REPO = "microsoft/TRELLIS-image-large"
 DINOV2_REPO = "facebook/dinov2-with-registers-large"
+BIREFNET_REPO = "ZhengPeng7/BiRefNet"  # learned matting, "best" (Swin-L, ~885 MB)
+BIREFNET_LITE_REPO = "ZhengPeng7/BiRefNet_lite"  # learned matting, "fast" (Swin-T, ~180 MB)
+MATTING_FILES = ["model.safetensors"]  # all that is taken from a matting repository (never its Python files)
 MESH_DECODER_CKPT = "ckpts/slat_dec_mesh_swin8_B_64l8m256c_fp16"
 
-PINNED_REVISIONS: dict[str, Optional[str]] = {SS4D_REPO: None, TRELLIS_REPO: None, DINOV2_REPO: None}
+PINNED_REVISIONS: dict[str, Optional[str]] = {SS4D_REPO: None, TRELLIS_REPO: None, DINOV2_REPO: None,
+                                               BIREFNET_REPO: None, BIREFNET_LITE_REPO: None}
 
 # files needed from each repository (the rest of a repo, e.g. other decoders, is never downloaded)
 NEEDED_FILES = {
     SS4D_REPO: ["pipeline.json", "ckpts/*.json", "ckpts/*.safetensors"],
     TRELLIS_REPO: [f"{MESH_DECODER_CKPT}.json", f"{MESH_DECODER_CKPT}.safetensors"],
     DINOV2_REPO: ["config.json", "model.safetensors"],
+    BIREFNET_REPO: MATTING_FILES,
+    BIREFNET_LITE_REPO: MATTING_FILES,
 }
 
 
@@ -44,6 +50,8 @@ LOCAL_HINTS = {  # how a command-line user points at a folder instead of the hub
                "preferences)",
     TRELLIS_REPO: "--mesh-decoder DIR, or --mesh-decoder none for meshes from the Gaussians",
     DINOV2_REPO: "a copy of it inside the pipeline folder, named after pipeline.json's image_cond_model",
+    BIREFNET_REPO: "--matting-model DIR (a folder with BiRefNet's model.safetensors)",
+    BIREFNET_LITE_REPO: "--matting-model DIR (a folder with BiRefNet_lite's model.safetensors)",
 }
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
@@ -160,7 +168,8 @@ def require_files(folder: Path, relative: list[str], source: str) -> None:
 # layout (`models--owner--name/refs/<branch>`, `snapshots/<commit>/...`) is read directly.
 # File whose presence means a source is complete enough to try (the loader still checks every file).
 MARKER_FILES = {SS4D_REPO: "pipeline.json", DINOV2_REPO: "model.safetensors",
-                TRELLIS_REPO: f"{MESH_DECODER_CKPT}.safetensors"}
+                TRELLIS_REPO: f"{MESH_DECODER_CKPT}.safetensors", BIREFNET_REPO: "model.safetensors",
+                BIREFNET_LITE_REPO: "model.safetensors"}
 
 
 def hub_cache_dir(cache_dir: Optional[str] = None) -> Path:
