@@ -351,3 +351,40 @@ def test_source_alpha_detected_only_when_it_separates_something():
     assert source_has_alpha(rgba)
     rgba[..., 3] = 0
     assert not source_has_alpha(rgba)  # transparent everywhere: nothing to keep
+
+
+def _offline_python(code: str, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+
+
+def test_hub_weights_offline_from_cache_record_the_commit(tmp_path, tiny_model_dir):
+    """With HF_HUB_OFFLINE=1: a cached snapshot is used and its commit recorded; no cache is a clear error."""
+    import shutil
+    from pathlib import Path
+
+    commit = "e" * 40
+    root = tmp_path / "cache" / ("models--" + BIREFNET_REPO.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "model.safetensors", root / "snapshots" / commit / "model.safetensors")
+    repo = str(Path(__file__).resolve().parents[1])
+    code = (f"import sys; sys.path.insert(0, {repo!r})\n"
+            "from ss4d_blender.engine.background import load_matting_model\n"
+            "from ss4d_blender.engine.errors import WeightsError\n"
+            f"m = load_matting_model({BIREFNET_REPO!r}, cache_dir={str(tmp_path / 'cache')!r}, progress_bars=False)\n"
+            "print('revision', m.revision, m.is_random_weights)\n"
+            "try:\n"
+            f"    load_matting_model({BIREFNET_LITE_REPO!r}, cache_dir={str(tmp_path / 'cache')!r})\n"
+            "except WeightsError as err:\n"
+            "    print('WeightsError:', err)\n")
+    out = _offline_python(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"revision {commit} True" in out.stdout
+    assert "WeightsError:" in out.stdout and "offline" in out.stdout and "--matting-model" in out.stdout
