@@ -502,6 +502,62 @@ def test_cancel_during_generation_leaves_file_unchanged(scene, shared_dir):
     assert operators.ACTIVE.client is None
 
 
+class ModalContext:
+    """bpy.context with a window manager that records removed timers (the bpy module has no windows)."""
+
+    def __init__(self):
+        self.removed_timers = []
+        self.window_manager = SimpleNamespace(windows=[], event_timer_remove=self.removed_timers.append)
+
+    def __getattr__(self, name):
+        return getattr(bpy.context, name)
+
+
+class ModalDriver(operators._JobOperator):
+    """The operators' modal loop without Blender's event system: `modal` is called with timer and key events
+    as Blender would (the bpy module cannot run modal operators)."""
+
+    def __init__(self):
+        self.reports = []
+
+    def report(self, kind, message):
+        self.reports.append((set(kind), message))
+
+    def make_job(self, context):
+        return operators.jobs.generate_job(context)
+
+    def run(self, context, cancel_after_events: int = -1) -> tuple[set, list]:
+        self._start(context)
+        self._timer = "timer"
+        stages, events = [], 0
+        while True:
+            assert self.modal(context, SimpleNamespace(type="MOUSEMOVE")) == {"PASS_THROUGH"}
+            if events == cancel_after_events:
+                self.modal(context, SimpleNamespace(type="ESC"))
+            result = self.modal(context, SimpleNamespace(type="TIMER"))
+            events += 1
+            if result != {"RUNNING_MODAL"}:
+                return result, stages
+            stages.append((context.scene.ss4d.running, context.scene.ss4d.stage))
+            time.sleep(0.05)
+
+
+def test_modal_loop_shows_progress_finishes_and_cancels_with_esc(scene, shared_dir):
+    add_images(scene, shared_dir / "samples" / "rose", name="rose")
+    scene.ss4d.num_frames = 2
+    context = ModalContext()
+    before = data_snapshot()
+    result, stages = ModalDriver().run(context, cancel_after_events=0)
+    assert result == {"CANCELLED"} and scene.ss4d.last_message == "Cancelled."
+    assert data_snapshot() == before and operators.ACTIVE.client is None
+    result, stages = ModalDriver().run(context)
+    assert result == {"FINISHED"} and "SS4D_rose" in bpy.data.objects
+    assert context.removed_timers == ["timer", "timer"]
+    assert stages and all(running for running, _ in stages) and {"Sampling latents", "Decoding"} <= {
+        stage for _, stage in stages}
+    assert not scene.ss4d.running and scene.ss4d.last_message.startswith("Created 'SS4D_rose'")
+
+
 def test_rebuild_mesh_reuses_the_result(scene, shared_dir, monkeypatch):
     add_images(scene, shared_dir / "samples" / "rose", name="rose")
     assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
