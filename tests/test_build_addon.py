@@ -23,7 +23,8 @@ def fake_wheel(folder: Path, name: str, version: str, platform_tag: str, module_
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name}.py", module_code)
         z.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        z.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr(f"{dist}.dist-info/RECORD", "")
     return path
 
@@ -49,7 +50,8 @@ def test_built_zip_has_manifest_package_and_listed_wheels(tmp_path):
     fake_wheel(wheels, "safetensors", "0.8.0", "manylinux_2_17_x86_64")
     fake_wheel(wheels, "safetensors", "0.8.0", "win_amd64")
     out = tmp_path / "dist"
-    subprocess.run([sys.executable, str(REPO / "build_addon.py"), "--platform", "linux-x64", "--platform", "windows-x64",
+    subprocess.run([sys.executable, str(REPO / "build_addon.py"), "--platform", "linux-x64",
+                    "--platform", "windows-x64",
                     "--wheels-dir", str(wheels), "--out", str(out)], check=True, capture_output=True)
     for platform in ("linux-x64", "windows-x64"):
         with zipfile.ZipFile(out / f"ss4d_blender-0.1.0-{platform}.zip") as z:
@@ -87,9 +89,11 @@ def test_runtime_install_from_a_local_wheel(tmp_path):
     env = tmp_path / "runtime"
     stages = []
     python = runtime_env.install_runtime(env, base_python=sys.executable, packages=["ss4d_probe==1.0"],
-                                         find_links=str(wheels), log_path=tmp_path / "install.log", progress=stages.append)
+                                         find_links=str(wheels), log_path=tmp_path / "install.log",
+                                         progress=stages.append)
     assert python == runtime_env.env_python(env) and python.is_file()
-    out = subprocess.run([str(python), "-c", "import ss4d_probe; print(ss4d_probe.VALUE)"], capture_output=True, text=True)
+    out = subprocess.run([str(python), "-c", "import ss4d_probe; print(ss4d_probe.VALUE)"], capture_output=True,
+                         text=True)
     assert out.stdout.strip() == "42"
     assert stages[0] == "Creating the environment" and "ss4d_probe" in stages[1]
     assert "pip" in (tmp_path / "install.log").read_text()
@@ -148,9 +152,10 @@ print("RESULT " + json.dumps(out))
 
 def test_extension_validates_installs_and_enables_in_blender(tmp_path, shared_dir):
     """The built zip, with the real safetensors wheel it bundles, passes Blender's own extension validator,
-    installs through Blender's extension system (wheel included), enables (real AddonPreferences), refuses to download with online access off (the bpy module's
-    default), generates from an image strip with the tiny random-weight pipeline through the installed
-    copy (worker in a separate Python, as with the managed runtime) and disables cleanly."""
+    installs through Blender's extension system (wheel included), enables (real AddonPreferences), refuses
+    to download with online access off (the bpy module's default), generates from an image strip with the
+    tiny random-weight pipeline through the installed copy (worker in a separate Python, as with the managed
+    runtime) and disables cleanly."""
     import platform
 
     import bpy

@@ -278,3 +278,59 @@ def test_one_wrapper_maps_errors_to_exit_codes(capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: internal error (ZeroDivisionError")
     assert cli_common.run(parser, ["--nope"], failing(AssertionError())) == 2
     assert capsys.readouterr().err.strip().startswith("error: t: unrecognized arguments: --nope")
+
+
+def test_settings_from_user_input_keep_their_one_default():
+    """Front ends pass what the user set; "not given" spellings leave the dataclass's default."""
+    import inspect
+
+    from ss4d_blender.engine.api import GenerateSettings
+    from ss4d_blender.engine.errors import InputError
+    from ss4d_blender.engine.mesh import clean_mesh
+
+    default = GenerateSettings()
+    given = GenerateSettings.from_user(pipeline="", revision="", mesh_decoder="", cache_dir=None, steps=0, cfg=0.0,
+                                       latent_cfg=None, device="", precision=None, seed=None)
+    assert given == default
+    assert GenerateSettings.from_user(mesh_decoder="None").mesh_decoder is None  # no mesh decoder
+    assert GenerateSettings.from_user(steps=12, cfg=3.5, device="cpu", revision=" v1 ") == GenerateSettings(
+        steps=12, cfg=3.5, device="cpu", revision="v1")
+    with pytest.raises(InputError, match="Unknown generation setting"):
+        GenerateSettings.from_user(target_vertices=3)
+    assert inspect.signature(clean_mesh).parameters["min_component_fraction"].default == \
+        default.min_component_fraction
+
+
+def test_each_program_builds_one_parser_tree(monkeypatch, capsys):
+    """`register` (and every other subcommand) is a subparser of the one root parser, not a parser of its own."""
+    import argparse
+
+    from ss4d_blender.__main__ import build_parser as headless_parser
+    from ss4d_blender.engine.__main__ import main
+
+    roots = []
+    original = argparse.ArgumentParser.__init__
+
+    def counting(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not self.prog.startswith(("python -m ss4d_blender.engine ", "python -m ss4d_blender ")):
+            roots.append(self.prog)
+    monkeypatch.setattr(argparse.ArgumentParser, "__init__", counting)
+    assert main(["register", "--help"]) == 0
+    assert "vertices_t" in capsys.readouterr().out
+    assert roots == ["python -m ss4d_blender.engine"]
+    headless_parser()
+    assert roots == ["python -m ss4d_blender.engine", "python -m ss4d_blender"]
+
+
+def test_random_weights_flag_has_one_name_and_old_pipelines_still_read(tmp_path, tiny):
+    import json
+
+    from ss4d_blender.engine.pipeline import PipelineSpec
+
+    config = json.loads((tiny / "pipeline.json").read_text())
+    assert config["args"]["is_random_weights"] is True and "tiny_random_weights" not in config["args"]
+    assert PipelineSpec.from_folder(tiny).is_random_weights
+    config["args"]["tiny_random_weights"] = config["args"].pop("is_random_weights")  # a folder made earlier
+    (tmp_path / "pipeline.json").write_text(json.dumps(config))
+    assert PipelineSpec.from_folder(tmp_path).is_random_weights

@@ -131,6 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .progress import Progress
     from .video import read_frames
 
+    if not args.input.expanduser().exists():
+        raise InputError(f"Input not found: {args.input}")
     out = check_result_folder(args.output)
     settings = settings_from_args(args)
     cli_common.check_device(settings.device)
