@@ -36,13 +36,11 @@ OFFLINE_MESSAGE = ("Online access is disabled in Blender (Preferences > System >
 # ---------------------------------------------------------------------------------------------- settings
 
 def weights_settings(prefs) -> dict:
-    """Where the weights come from, as the user set it in the preferences (an add-on preferences object,
-    `preferences.HEADLESS` or a plain dict of its fields). The engine's settings class turns the user's
-    spellings ("" for the default, "none" for no mesh decoder) into its own values."""
-    get = prefs.get if isinstance(prefs, dict) else (lambda name, default="": getattr(prefs, name, default))
-    cache_dir = get("cache_dir", "")
-    return {"pipeline": get("pipeline", ""), "revision": get("revision", ""), "mesh_decoder": get("mesh_decoder", ""),
-            "cache_dir": bpy.path.abspath(cache_dir) if cache_dir else ""}
+    """Where the weights come from, as the user set it in the preferences (the add-on's or
+    `preferences.HEADLESS`). The engine's settings class turns the user's spellings ("" for the default,
+    "none" for no mesh decoder) into its own values."""
+    return {"pipeline": prefs.pipeline, "revision": prefs.revision, "mesh_decoder": prefs.mesh_decoder,
+            "cache_dir": bpy.path.abspath(prefs.cache_dir) if prefs.cache_dir else ""}
 
 
 def engine_settings(context) -> dict:
@@ -50,7 +48,7 @@ def engine_settings(context) -> dict:
     `GenerateSettings.from_user`: values as the user spells them, the engine's defaults stay in the engine."""
     p, s = preferences.get(context), context.scene.ss4d
     return {**weights_settings(p), "seed": s.seed, "steps": s.steps, "cfg": s.guidance, "device": p.device,
-            "precision": p.precision}
+            "precision": p.precision, "window": s.window, "overlap": s.overlap}
 
 
 def animate_settings(context, scene_frames: list[int]) -> dict:
