@@ -53,7 +53,7 @@ def engine_settings(context) -> dict:
 
 def animate_settings(context, scene_frames: list[int]) -> dict:
     """Arguments of the `animate` stage. The reference is a timeline frame in the UI, the nearest generated
-    frame's index for the engine; the device is the preferences' (registration maps MPS to the CPU)."""
+    frame's index for the engine; the device is the preferences' (`animate` runs on the CPU for MPS)."""
     s = context.scene.ss4d
     reference = None
     if not s.auto_reference:
