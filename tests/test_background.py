@@ -388,3 +388,14 @@ def test_hub_weights_offline_from_cache_record_the_commit(tmp_path, tiny_model_d
     assert out.returncode == 0, out.stderr
     assert f"revision {commit} True" in out.stdout
     assert "WeightsError:" in out.stdout and "offline" in out.stdout and "--matting-model" in out.stdout
+
+
+def test_reading_an_ordinary_video_keeps_only_the_chosen_frames(shared_dir, tmp_path):
+    frames, numbers = matte_cli.read_frames_rgb(shared_dir / "samples" / "boxing_green.mp4", max_frames=3)
+    assert frames.shape == (3, 512, 512, 3) and frames.dtype == np.uint8 and numbers == [0, 16, 31]
+    bogus = tmp_path / "clip.mp4"
+    bogus.write_text("not a video")
+    with pytest.raises(InputError, match="Cannot decode"):
+        matte_cli.read_frames_rgb(bogus)
+    with pytest.raises(InputError, match="--frames"):
+        matte_cli.read_frames_rgb(bogus, max_frames=0)

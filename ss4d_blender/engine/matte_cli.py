@@ -48,54 +48,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------- reading frames
-def _read_video_rgb(path: Path) -> list[np.ndarray]:
+def _video_frames(path: Path):
+    """PyAV frames of the first video stream of `path`, in display order."""
     try:
         import av
-        from av.error import FFmpegError
     except ImportError as err:
         raise InputError(f"Reading {path} needs PyAV (`pip install av`); or give a folder of images.") from err
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream.")
+        yield from container.decode(video=0)
+
+
+def _read_video_rgb(path: Path, max_frames: Optional[int]) -> tuple[list[np.ndarray], list[int]]:
+    """Decodes twice: once to count, once to convert only the frames kept (memory stays that of the kept
+    frames, however long the clip)."""
+    from av.error import FFmpegError
+
+    from .preprocess import select_evenly
+
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(f"{path} has no video stream.")
-            return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        total = sum(1 for _ in _video_frames(path))
+        kept = select_evenly(total, max_frames) if max_frames else list(range(total))
+        wanted = set(kept)
+        frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(_video_frames(path)) if i in wanted]
     except FFmpegError as err:
         raise InputError(f"Cannot decode the video {path} ({err}).") from err
+    return frames, kept[:len(frames)]
 
 
-def _read_folder_rgb(folder: Path) -> list[np.ndarray]:
+def _read_folder_rgb(folder: Path, max_frames: Optional[int]) -> tuple[list[np.ndarray], list[int]]:
     from PIL import Image, UnidentifiedImageError
 
+    from .preprocess import select_evenly
     from .video import natural_key
 
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda p: natural_key(p.name))
+    kept = select_evenly(len(files), max_frames) if max_frames else list(range(len(files)))
     frames = []
-    for path in files:
+    for i in kept:
         try:
-            with Image.open(path) as image:
+            with Image.open(files[i]) as image:
                 frames.append(np.asarray(image.convert("RGB"), np.uint8))
         except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"Cannot read the image {path} ({err}).") from err
-    return frames
+            raise InputError(f"Cannot read the image {files[i]} ({err}).") from err
+    return frames, kept
 
 
 def read_frames_rgb(path: Path, max_frames: Optional[int] = None) -> tuple[np.ndarray, list[int]]:
-    """A video or a folder of images -> (uint8 [T, H, W, 3], the frame numbers kept, counted from 0)."""
-    from .preprocess import select_evenly
-
+    """A video or a folder of images -> (uint8 [T, H, W, 3], the frame numbers kept, counted from 0);
+    `max_frames`: at most this many, spread evenly (first and last kept)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"Input not found: {path}")
-    frames = _read_folder_rgb(path) if path.is_dir() else _read_video_rgb(path)
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"--frames must be at least 1, got {max_frames}.")
+    frames, kept = _read_folder_rgb(path, max_frames) if path.is_dir() else _read_video_rgb(path, max_frames)
     if not frames:
         raise InputError(f"{path} holds no frames to read.")
     if len({f.shape for f in frames}) > 1:
         raise InputError(f"The frames of {path} differ in size; all frames must have the same size.")
-    if max_frames is not None and max_frames < 1:
-        raise InputError(f"--frames must be at least 1, got {max_frames}.")
-    kept = select_evenly(len(frames), max_frames) if max_frames else list(range(len(frames)))
-    return np.stack([frames[i] for i in kept]), kept
+    return np.stack(frames), kept
 
 
 # ---------------------------------------------------------------------------------- writing
