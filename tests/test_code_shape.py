@@ -1,9 +1,11 @@
-"""The shape of the code: functions short enough to read in one sitting, and the engine kept apart from
-Blender (it never imports bpy or the add-on)."""
+"""The shape of the code: functions short enough to read in one sitting, the engine kept apart from Blender
+(it never imports bpy or the add-on), and the add-on kept apart from PyTorch (it runs in Blender's Python)."""
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ss4d_blender"
 MAX_FUNCTION_LINES = 90
@@ -69,6 +71,23 @@ for info in pkgutil.walk_packages(engine.__path__, "ss4d_blender.engine."):
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("bpy", "bmesh", "mathutils")
                 or m.startswith("ss4d_blender.blender"))
 print(loaded)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_addon_loads_without_torch():
+    """The add-on runs inside Blender's Python, which has no PyTorch: every module of `blender/` (and the
+    engine modules it uses) must import without it. The model runs in the worker process."""
+    pytest.importorskip("bpy")
+    code = """
+import importlib, pkgutil, sys
+import ss4d_blender.blender as addon
+for info in pkgutil.walk_packages(addon.__path__, "ss4d_blender.blender."):
+    importlib.import_module(info.name)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "safetensors", "av")))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
                           timeout=300)
