@@ -137,21 +137,31 @@ def apply_settings(args, scene, strip) -> None:
         if getattr(args, name, None) is not None:
             setattr(prefs, name, str(getattr(args, name)))
     s = scene.ss4d
-    panel = {"seed": args.seed, "steps": args.steps, "guidance": args.cfg, "tolerance": args.tolerance,
-             "softness": args.softness, "target_vertices": args.target_vertices,
-             "smoothing": args.temporal_smoothing, "height": args.height, "window": args.window,
-             "overlap": args.overlap, "step": args.step}
-    for name, value in panel.items():
+    panel = [("--seed", "seed", args.seed), ("--steps", "steps", args.steps), ("--cfg", "guidance", args.cfg),
+             ("--tolerance", "tolerance", args.tolerance), ("--softness", "softness", args.softness),
+             ("--vertices", "target_vertices", args.target_vertices),
+             ("--smoothing", "smoothing", args.temporal_smoothing), ("--height", "height", args.height),
+             ("--window", "window", args.window), ("--overlap", "overlap", args.overlap), ("--step", "step", args.step)]
+    for flag, name, value in panel:
         if value is not None:
-            if not hasattr(s, name):
-                raise InputError(f"--{name} is not available in this version of the add-on.")
-            setattr(s, name, value)
+            set_panel_value(s, name, value, flag)
     s.matting = args.matting.upper()
     if args.key_color is not None:
         s.auto_key_color, s.key_color = False, args.key_color
     if args.reference_frame is not None:
         s.auto_reference, s.reference_frame = False, args.reference_frame
     _apply_frames(args, s, strip)
+
+
+def set_panel_value(s, name: str, value, flag: str) -> None:
+    """Sets a panel setting, refusing a value outside its range (Blender would clamp it silently)."""
+    prop = type(s).bl_rna.properties.get(name)
+    if prop is None:
+        raise InputError(f"{flag} is not available in this version of the add-on.")
+    low, high = getattr(prop, "hard_min", None), getattr(prop, "hard_max", None)
+    if low is not None and not low <= value <= high:
+        raise InputError(f"{flag} {value} is outside the add-on's range {low:g}..{high:g}.")
+    setattr(s, name, value)
 
 
 def _apply_frames(args, s, strip) -> None:
@@ -164,10 +174,7 @@ def _apply_frames(args, s, strip) -> None:
     count = (s.frame_end - s.frame_start + 1 if not s.use_strip_range else last - first + 1)
     count = count if args.frames == "all" else args.frames
     if count is not None:
-        most = type(s).bl_rna.properties["num_frames"].hard_max
-        if count > most:
-            raise InputError(f"--frames {args.frames}: at most {most} frames can be generated at once here.")
-        s.num_frames = count
+        set_panel_value(s, "num_frames", count, f"--frames {args.frames}:")
 
 
 class CtrlC:

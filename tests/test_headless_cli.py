@@ -239,3 +239,12 @@ def test_success_replaces_the_earlier_output_and_leaves_the_temp_directory_as_it
     assert len(modes) == 1, modes
     assert sorted(temp.iterdir()) == []
     assert out.stderr.count("warning: made with the tiny random-weight pipeline") == 1
+
+
+def test_panel_ranges_are_refused_not_clamped(tmp_path, shared_dir, tiny, earlier):
+    rose = frame_folder(tmp_path, shared_dir)
+    line = error_line(headless(rose, "-o", earlier, "--pipeline", tiny, "--vertices", 300))
+    assert "--vertices 300 is outside the add-on's range 500..500000" in line
+    line = error_line(headless(rose, "-o", earlier, "--pipeline", tiny, "--window", 1000))
+    assert "--window 1000 is outside the add-on's range" in line
+    assert_untouched(earlier)

@@ -13,6 +13,10 @@ class SS4D_PG_settings(bpy.types.PropertyGroup):
     frame_end: IntProperty(name="End", default=32, description="Last scene frame to use")
     num_frames: IntProperty(name="Frames", default=32, min=2, max=256,
                             description="Frames to generate, spread evenly over the range")
+    window: IntProperty(name="Window", default=32, min=2, max=256,
+                        description="Frames the model generates at once; more frames are generated in windows")
+    overlap: IntProperty(name="Overlap", default=8, min=0, max=254,
+                         description="Frames neighbouring windows share")
     matting: EnumProperty(name="Matting", default="ALPHA", items=[
         ("ALPHA", "Alpha in Source", "The clip has transparency (PNG sequence, ProRes 4444, WebM with alpha)"),
         ("CHROMA", "Chroma Key", "Remove a green / blue screen background"),
