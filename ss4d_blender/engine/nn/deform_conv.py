@@ -32,6 +32,7 @@ def _tap_grid(offset: torch.Tensor, in_hw: tuple[int, int], kernel: tuple[int, i
     b, _, ho, wo = offset.shape
     kh, kw = kernel
     h, w = in_hw
+    offset = offset.to(torch.promote_types(offset.dtype, torch.float32))  # fp16 has 1/4-pixel steps at 256
     dtype, device = offset.dtype, offset.device
     tap_y = (torch.arange(kh, device=device, dtype=dtype) * dilation[0]).repeat_interleave(kw)  # [K]
     tap_x = (torch.arange(kw, device=device, dtype=dtype) * dilation[1]).repeat(kh)  # [K]
@@ -61,16 +62,17 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"deform_conv2d: offset has shape {tuple(offset.shape)}, expected {(b, 2 * taps, ho, wo)}")
     if mask is not None and mask.shape != (b, taps, ho, wo):
         raise ValueError(f"deform_conv2d: mask has shape {tuple(mask.shape)}, expected {(b, taps, ho, wo)}")
-    grid = _tap_grid(offset, (h, w), (kh, kw), stride, padding, dilation)  # [B, K, Ho, Wo, 2]
+    grid = _tap_grid(offset, (h, w), (kh, kw), stride, padding, dilation)  # [B, K, Ho, Wo, 2], >= float32
+    source = input.to(grid.dtype)  # sampled in float32 (or float64), multiplied in the input's precision
     weight = weight.reshape(o, c, taps)
     out = input.new_zeros(b, o, ho * wo)
     chunk = max(1, min(taps, _SAMPLES_PER_CHUNK // max(1, b * c * ho * wo)))
     for k0 in range(0, taps, chunk):
         k1 = min(taps, k0 + chunk)
         n = k1 - k0
-        samples = F.grid_sample(input, grid[:, k0:k1].reshape(b, n * ho, wo, 2), mode="bilinear",
+        samples = F.grid_sample(source, grid[:, k0:k1].reshape(b, n * ho, wo, 2), mode="bilinear",
                                 padding_mode="zeros", align_corners=False)  # [B, C, n Ho, Wo]
-        samples = samples.view(b, c, n, ho * wo)
+        samples = samples.view(b, c, n, ho * wo).to(input.dtype)
         if mask is not None:
             samples = samples * mask[:, k0:k1].reshape(b, 1, n, ho * wo)
         out = out + torch.einsum("ocn,bcnp->bop", weight[:, :, k0:k1], samples)  # [B, O, Ho Wo]
