@@ -1,16 +1,19 @@
 """Speed and accuracy of the rig fit (engine/rig) on 32 frames x 20k vertices.
 
     .venv/bin/python bench/rig.py [--frames 32] [--vertices 20000] [--device cpu|cuda|auto] [--repeat 1]
+        [--threads N]
 
 Cases: a capsule skinned by known linear blend skinning (5 bones bending at four joints while the whole
 body turns and moves) with an automatic bone count and with the count given, and the same with breathing
-(non-rigid, the automatic count runs to its limit) with correctives. Prints bones, RMS / max error
+(non-rigid: the gentler ones stay within the target with the true bones, the strongest needs many more)
+with correctives. Prints bones, RMS / max error
 (% of the diagonal), joint error against the true joints, wall-clock seconds and the process's CPU
 seconds per case (on a shared machine the wall clock depends on the load, printed first).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -41,15 +44,21 @@ def main() -> None:
     parser.add_argument("--vertices", type=int, default=20000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads while fitting (RigSettings.cpu_threads, default 1)")
     args = parser.parse_args()
     around = 80
     rings = max(4, round(args.vertices / around))
     cases = [("5-bone LBS, auto", 0.0, RigSettings()), ("5-bone LBS, --bones 5", 0.0, RigSettings(bones=5)),
-             ("breathing 5 %, auto + correctives", 0.05, RigSettings(correctives=True))]
+             ("breathing 5 %, auto + correctives", 0.05, RigSettings(correctives=True)),
+             ("breathing 25 %, auto + correctives", 0.25, RigSettings(correctives=True)),
+             ("breathing 300 %, auto + correctives", 3.0, RigSettings(correctives=True))]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+          f"torch {torch.__version__}, {args.threads or RigSettings().cpu_threads} threads, device {args.device}")
     for name, breathing, settings in cases:
+        if args.threads:
+            settings = dataclasses.replace(settings, cpu_threads=args.threads)
         capsule = skinned_capsule(bones=5, frames=args.frames, rings=rings, around=around, breathing=breathing)
         T, V, _ = capsule.vertices.shape
         diagonal = float(np.linalg.norm(np.ptp(capsule.vertices[0], axis=0)))

@@ -10,7 +10,7 @@ from ss4d_blender.engine.errors import InputError
 from ss4d_blender.engine.rig import Rig, RigSettings, fit_rig
 from ss4d_blender.engine.rig.cli import main as rig_main
 from ss4d_blender.engine.rig.rig_file import FIELDS
-from ss4d_blender.engine.rig.skeleton import winding_numbers
+from ss4d_blender.engine.rig.skeleton import move_inside, pull_inside, winding_numbers
 
 
 def diagonal(points: np.ndarray) -> float:
@@ -68,6 +68,22 @@ def test_recovers_known_skinning(bones):
                              torch.as_tensor(rig.faces, dtype=torch.long))
     assert (inside > 0.5).all(), inside
     assert (np.linalg.norm(rig.tails - rig.heads, axis=1) > 0.005 * diag).all()
+
+
+def test_points_outside_are_moved_inside():
+    """A bone end outside the mesh goes into the middle of the mesh under its nearest vertex, or slides
+    towards its (inside) anchor until it is in."""
+    capsule = skinned_capsule(bones=2, frames=2, rings=16, around=12)
+    rest = torch.as_tensor(capsule.vertices[0], dtype=torch.float64)
+    faces = torch.as_tensor(capsule.faces, dtype=torch.long)
+    outside = torch.tensor([[0.4, 0.0, 0.0], [0.0, 0.0, 1.2], [0.05, 0.0, 0.1]], dtype=torch.float64)
+    moved = move_inside(outside, rest, faces)
+    assert (winding_numbers(moved, rest, faces) > 0.5).all()
+    torch.testing.assert_close(moved[2], outside[2])                  # already inside: unchanged
+    assert abs(float(moved[0, 0])) < 0.05                             # middle of the 0.15 radius tube
+    slid = pull_inside(outside[:2], torch.zeros(2, 3, dtype=torch.float64), rest, faces)
+    assert (winding_numbers(slid, rest, faces) > 0.5).all()
+    assert float(slid[1, 2]) > 0.6                                    # stays near the end it came from
 
 
 def test_weights_are_smooth_over_the_mesh():

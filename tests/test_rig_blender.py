@@ -144,6 +144,22 @@ def test_correctives_are_exact_and_failure_changes_nothing(addon, monkeypatch):
     assert obj.data.shape_keys.animation_data.action is not None
 
 
+def test_panel_button(addon):
+    """The 3D viewport's SS4D panel draws the button under its own content for a generated object."""
+    from ss4d_blender.blender import panels
+
+    obj = generated_object()
+    drawn = []
+    layout = type("Layout", (), {"operator": lambda self, idname, **kw: drawn.append(idname)})()
+    armature.draw_convert_button(type("Panel", (), {"layout": layout})(), bpy.context)
+    assert drawn == ["ss4d.convert_to_armature"]
+    assert armature.draw_convert_button in getattr(panels.SS4D_PT_view3d.draw, "_draw_funcs", [])
+    obj.select_set(False)
+    bpy.context.view_layer.objects.active = None
+    armature.draw_convert_button(type("Panel", (), {"layout": layout})(), bpy.context)
+    assert drawn == ["ss4d.convert_to_armature"]
+
+
 def test_operator_is_one_undo_step(addon):
     """Undo needs a window, which the headless `bpy` module has none of; what Undo restores is the state
     before the one step this operator registers, so check that it registers one and does its work in

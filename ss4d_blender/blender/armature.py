@@ -365,14 +365,32 @@ def rig_blend_file(in_path, out_path, bones: int | None = None, correctives: boo
     return lines
 
 
+def draw_convert_button(self, context) -> None:
+    """Appended to the 3D viewport's SS4D panel: the button, for the active generated object."""
+    if is_generated(context.active_object):
+        self.layout.operator(SS4D_OT_convert_to_armature.bl_idname, icon="ARMATURE_DATA")
+
+
+def _viewport_panel():
+    from . import panels
+
+    return getattr(panels, "SS4D_PT_view3d", None)
+
+
 CLASSES = (SS4D_OT_convert_to_armature,)
 
 
 def register():
     for cls in CLASSES:
         bpy.utils.register_class(cls)
+    panel = _viewport_panel()
+    if panel is not None:
+        panel.append(draw_convert_button)
 
 
 def unregister():
+    panel = _viewport_panel()
+    if panel is not None:
+        panel.remove(draw_convert_button)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

@@ -7,8 +7,9 @@ import torch
 from .skinning import Trajectories, move, skin, weighted_rigid_fit
 
 
-def update_bones(traj: Trajectories, weights: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
-    """weights [V, B], transforms [T, B, 3, 4] -> refitted transforms [T, B, 3, 4]."""
+def update_bones(traj: Trajectories, weights: torch.Tensor, transforms: torch.Tensor
+                 ) -> tuple[torch.Tensor, float]:
+    """weights [V, B], transforms [T, B, 3, 4] -> refitted transforms [T, B, 3, 4] and the RMS error after."""
     transforms = transforms.clone()
     recon = skin(weights, transforms, traj.rest)                               # [V, T, 3]
     for b in range(transforms.shape[1]):
@@ -21,4 +22,4 @@ def update_bones(traj: Trajectories, weights: torch.Tensor, transforms: torch.Te
         fitted = weighted_rigid_fit(p, target, w)                              # [T, 3, 4]
         transforms[:, b] = fitted
         recon[members] += w[:, None, None] * move(fitted, p) - own
-    return transforms
+    return transforms, float((recon - traj.by_vertex).pow(2).sum(2).mean().sqrt())

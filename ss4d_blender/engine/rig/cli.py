@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     rig.save(args.output)
     T = rig.transforms.shape[0]
     how = {"auto": "chosen automatically", "given": "as asked", "static": "no motion"}[rig.info["bone_count"]]
+    if args.bones is not None and rig.num_bones < args.bones and rig.info["bone_count"] == "given":
+        how = f"fewer than the {args.bones} asked: no cluster was left to split, or a bone got no weight"
     print(f"{rig.num_bones} bones ({how}) for {T} frames x {len(rig.rest_vertices)} vertices in "
           f"{rig.info['seconds']:.1f} s: RMS error {rig.rms_overall:.3f} %, max {rig.max_overall:.3f} % of the "
           f"diagonal (worst frame {int(np.argmax(rig.rms_error))})"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .skinning import Trajectories, bone_errors, weighted_rigid_fit
+from .skinning import Trajectories, bone_errors, rotation_from_covariance, weighted_rigid_fit
 
 
 def rigid_fit(traj: Trajectories, members: torch.Tensor) -> torch.Tensor:
@@ -18,8 +18,18 @@ def rigid_fit(traj: Trajectories, members: torch.Tensor) -> torch.Tensor:
 
 
 def fit_clusters(traj: Trajectories, labels: torch.Tensor, count: int) -> torch.Tensor:
-    """The least-squares rigid motion of each cluster -> [T, count, 3, 4]."""
-    return torch.stack([rigid_fit(traj, torch.nonzero(labels == b).squeeze(1)) for b in range(count)], 1)
+    """The least-squares rigid motion of each cluster, all at once -> [T, count, 3, 4]: with one-hot
+    membership O [V, B], t = mean(v) - R p* and R from H = Σ p vᵀ - p* (Σ v)ᵀ per cluster and frame."""
+    V, T, _ = traj.by_vertex.shape
+    member = torch.nn.functional.one_hot(labels, count).to(traj.rest.dtype)    # [V, B]
+    size = member.sum(0).clamp_min(1)[:, None]                                 # [B, 1]
+    p_star = member.T @ traj.rest / size                                       # [B, 3]
+    sum_v = (member.T @ traj.by_vertex.reshape(V, T * 3)).reshape(count, T, 3)
+    sum_pv = (member.T @ traj.outer).reshape(count, T, 3, 3).transpose(-1, -2)  # Σ p vᵀ  [B, T, 3, 3]
+    H = sum_pv - p_star[:, None, :, None] * sum_v[:, :, None, :]
+    R = rotation_from_covariance(H)                                            # [B, T, 3, 3]
+    t = sum_v / size[:, :, None] - (R @ p_star[:, None, :, None]).squeeze(-1)
+    return torch.cat([R, t[..., None]], -1).transpose(0, 1)
 
 
 def relabel(traj: Trajectories, transforms: torch.Tensor, min_size: int,
@@ -85,11 +95,11 @@ def merge_cheapest(traj: Trajectories, labels: torch.Tensor, transforms: torch.T
     explains with the least extra error, then re-clusters."""
     B = transforms.shape[1]
     a, b = labels[edges[:, 0]], labels[edges[:, 1]]
-    pairs = torch.unique(torch.stack([torch.minimum(a, b), torch.maximum(a, b)], 1)[a != b], dim=0)
-    if len(pairs) == 0:
+    keys = torch.unique((torch.minimum(a, b) * B + torch.maximum(a, b))[a != b])
+    if len(keys) == 0:
         return labels, transforms, errors
     best, best_cost = None, None
-    for i, j in pairs.tolist():
+    for i, j in zip((keys // B).tolist(), (keys % B).tolist()):
         members = torch.nonzero((labels == i) | (labels == j)).squeeze(1)
         motion = rigid_fit(traj, members)
         cost = float(bone_errors(traj.subset(members), motion[:, None]).sum() - errors[members].sum())

@@ -43,8 +43,11 @@ class RigSettings:
     cluster_iterations: int = 8          # rigid k-means passes after each split
     refine_rounds: int = 3               # split-and-merge attempts at a candidate bone count
     qp_iterations: int = 5               # projected-gradient steps polishing a weight step
+    converged: float = 0.02              # stop alternating when a round lowers the RMS error by less (share)
     min_cluster: float = 0.002           # smallest bone at the start, share of the vertices (at least 4)
     static_motion: float = 1e-6          # motion below this × diagonal is no motion
+    cpu_threads: int | None = 1          # torch CPU threads while fitting (None: torch's setting); the batched
+                                         # ops are small, threads cost more than they bring (bench/RESULTS.md)
 
     def __post_init__(self):
         if self.bones is not None and not 1 <= int(self.bones) <= 256:
@@ -94,6 +97,7 @@ def initial_bones(traj: Trajectories, edges: torch.Tensor, neighbours: MeshNeigh
         if near or B >= limit:
             labels, transforms, errors = refine(traj, labels, transforms, errors, edges, min_size, passes,
                                                 settings.refine_rounds)
+            B = transforms.shape[1]
         weights = torch.nn.functional.one_hot(labels, B).to(traj.rest.dtype)
         if auto and rms_of(errors, T) <= target:
             return weights, transforms
@@ -111,14 +115,19 @@ def initial_bones(traj: Trajectories, edges: torch.Tensor, neighbours: MeshNeigh
 
 
 def alternate(traj: Trajectories, weights, transforms, neighbours, settings: RigSettings, iterations: int,
-              report: Optional[Callable[[float], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`iterations` rounds of a weight step then a bone step."""
+              report: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `iterations` rounds of a weight step then a bone step; stops early once a round lowers the RMS
+    error by less than `settings.converged` of it."""
+    previous = float("inf")
     for i in range(iterations):
         weights = solve_weights(traj, transforms, weights, neighbours, settings.smoothness,
                                 settings.max_influences, settings.candidates, settings.qp_iterations)
-        transforms = update_bones(traj, weights, transforms)
+        transforms, rms = update_bones(traj, weights, transforms)
         if report is not None:
             report((i + 1) / iterations)
+        if rms > (1 - settings.converged) * previous:
+            break
+        previous = rms
     return weights, transforms
 
 
@@ -174,6 +183,17 @@ def fit_rig(vertices: np.ndarray, faces: np.ndarray, rest_vertices: Optional[np.
             progress.update("Rigging", stage_from + (stage_to - stage_from) * fraction)
 
     dev = pick_device(device)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    try:
+        return _fit(vertices, faces, rest, settings, dev, report, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(vertices, faces, rest, settings: RigSettings, dev, report, started: float) -> Rig:
+    """`fit_rig` after its checks: normalise, fit, build the skeleton, back to the animation's units."""
     lo, hi = rest.min(0).astype(np.float64), rest.max(0).astype(np.float64)
     centre, diagonal = (lo + hi) / 2, float(np.linalg.norm(hi - lo))
     P = torch.as_tensor((rest - centre) / diagonal, dtype=torch.float32, device=dev)

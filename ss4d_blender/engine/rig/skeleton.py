@@ -102,8 +102,8 @@ def ray_hits(origins: torch.Tensor, directions: torch.Tensor, rest: torch.Tensor
     """Distance along each ray [P, 3] to the nearest triangle in front of it (Möller-Trumbore); inf if none."""
     v0, v1, v2 = rest[faces[:, 0]], rest[faces[:, 1]], rest[faces[:, 2]]
     e1, e2 = (v1 - v0)[None], (v2 - v0)[None]
-    d = directions[:, None]
-    pvec = torch.cross(d.expand_as(e2), e2, dim=-1)
+    d, e2 = torch.broadcast_tensors(directions[:, None], e2)                 # [P, F, 3]
+    pvec = torch.cross(d, e2, dim=-1)
     det = (e1 * pvec).sum(-1)
     inv = 1.0 / torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
     s = origins[:, None] - v0[None]

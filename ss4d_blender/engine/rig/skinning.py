@@ -79,7 +79,8 @@ def rotation_from_covariance(H: torch.Tensor) -> torch.Tensor:
     device = H.device
     work = H.cpu() if device.type == "mps" else H                              # no batched SVD on MPS
     U, _, Vh = torch.linalg.svd(work.double())
-    d = torch.sign(torch.linalg.det(Vh.transpose(-1, -2) @ U.transpose(-1, -2)))
+    VU = Vh.transpose(-1, -2) @ U.transpose(-1, -2)
+    d = torch.sign((VU[..., 0] * torch.linalg.cross(VU[..., 1], VU[..., 2])).sum(-1))   # det(V Uᵀ)
     d = torch.where(d == 0, torch.ones_like(d), d)
     D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
     R = Vh.transpose(-1, -2) @ D @ U.transpose(-1, -2)
