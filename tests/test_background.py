@@ -183,7 +183,7 @@ def test_tiny_model_small_marked_and_deterministic(tiny_model_dir, tmp_path):
 
 
 def test_matting_source_choice(tmp_path, tiny_model_dir):
-    assert matting_source(None, "best") == BIREFNET_REPO
+    assert matting_source(None, "best") == matting_source() == BIREFNET_REPO
     assert matting_source(None, "fast") == BIREFNET_LITE_REPO
     assert matting_source("some/repo", "fast", pipeline=str(tmp_path)) == "some/repo"
     assert matting_source(None, "best", pipeline=str(tmp_path)) == BIREFNET_REPO  # no birefnet/ there

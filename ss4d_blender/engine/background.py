@@ -24,6 +24,7 @@ from .errors import DeviceOutOfMemory, InputError, WeightsError
 from .hub import BIREFNET_LITE_REPO, BIREFNET_REPO, MATTING_FILES, PICKLE_SUFFIXES
 
 MATTING_QUALITIES = {"best": BIREFNET_REPO, "fast": BIREFNET_LITE_REPO}
+DEFAULT_QUALITY = "best"
 PIPELINE_MATTING_FOLDER = "birefnet"  # a pipeline folder's own matting model: DIR/birefnet/model.safetensors
 STAGE = "Removing background"
 INPUT_SIZE = 1024  # the released models' input side
@@ -64,15 +65,17 @@ def source_has_alpha(frames: np.ndarray, min_transparent: float = 0.01) -> bool:
     return bool(transparent.max() >= min_transparent and (alpha >= 128).any())
 
 
-def matting_source(model: Optional[str] = None, quality: str = "best", pipeline: Optional[str] = None) -> str:
+def matting_source(model: Optional[str] = None, quality: Optional[str] = None,
+                   pipeline: Optional[str] = None) -> str:
     """Which weights to use: `model` when given; else the pipeline folder's own `birefnet/` when it has one;
-    else the released repository for `quality` ("best" | "fast")."""
+    else the released repository for `quality` ("best" | "fast"; None: DEFAULT_QUALITY)."""
+    quality = quality or DEFAULT_QUALITY
+    if quality not in MATTING_QUALITIES:
+        raise InputError(f"Matting quality must be one of {', '.join(MATTING_QUALITIES)}, got {quality!r}.")
     if model:
         return model
     if pipeline and (Path(pipeline).expanduser() / PIPELINE_MATTING_FOLDER / "model.safetensors").is_file():
         return str(Path(pipeline).expanduser() / PIPELINE_MATTING_FOLDER)
-    if quality not in MATTING_QUALITIES:
-        raise InputError(f"Matting quality must be one of {', '.join(MATTING_QUALITIES)}, got {quality!r}.")
     return MATTING_QUALITIES[quality]
 
 
@@ -202,7 +205,7 @@ def _release(device) -> None:
         torch.mps.empty_cache()
 
 
-def remove_background(frames_rgb: np.ndarray, model_source: Optional[str] = None, quality: str = "best",
+def remove_background(frames_rgb: np.ndarray, model_source: Optional[str] = None, quality: Optional[str] = None,
                       progress=None, *, pipeline: Optional[str] = None, device: str = "auto",
                       precision: str = "auto", batch_size: Optional[int] = None, revision: Optional[str] = None,
                       cache_dir: Optional[str] = None, frame_numbers: Optional[Sequence[int]] = None,
@@ -210,7 +213,7 @@ def remove_background(frames_rgb: np.ndarray, model_source: Optional[str] = None
     """The matting stage: frames uint8 [T, H, W, 3|4] (any alpha is ignored) -> MatteResult with RGBA frames.
 
     model_source: repository id, folder or file (default: `matting_source(None, quality, pipeline)`).
-    quality: "best" (BiRefNet) | "fast" (BiRefNet_lite), used when no source is given.
+    quality: "best" (BiRefNet) | "fast" (BiRefNet_lite) | None (DEFAULT_QUALITY), used when no source is given.
     progress: an engine `Progress` ("Removing background", cancellable between batches).
     frame_numbers: how error messages name the frames (default: counted from 0).
     matting: an already loaded model (then the source arguments are ignored).

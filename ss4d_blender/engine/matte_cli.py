@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a pipeline folder whose own birefnet/ model is used when it has one")
     source.add_argument("--matting-model", default=None,
                         help="BiRefNet weights: hub repository id, folder with model.safetensors, or a .safetensors")
-    parser.add_argument("--matting-quality", choices=sorted(MATTING_QUALITIES), default="best",
+    parser.add_argument("--matting-quality", choices=sorted(MATTING_QUALITIES), default=None,
                         help="best: BiRefNet (Swin-L); fast: BiRefNet_lite (Swin-T, less memory) (default: best)")
     parser.add_argument("--revision", default=None, help="hub revision (commit) of the matting weights")
     parser.add_argument("--frames", type=int, default=None, help="at most this many frames, spread evenly "
