@@ -15,7 +15,9 @@ temporal: on ../shared/samples bird_fly_scene.mp4 and boxing_green.mp4 (composit
               this only shows that the temporal steps run on real frames).
           The released weights could not be downloaded here, so the model's own accuracy is not measured.
 
-    .venv/bin/python bench/matting.py [precision|speed|temporal|all] [--device cpu|cuda|mps] [--frames 1] [--repeats 1]
+    .venv/bin/python bench/matting.py [precision|speed|temporal|all] [--device cpu|cuda|mps] [--frames 1]
+                                      [--batch 1] [--repeats 1] [--golden ../shared/golden]
+    GPU target (issue 15): bench/matting.py speed --device cuda --frames 32 --batch 4 --repeats 3
 """
 from __future__ import annotations
 
@@ -50,27 +52,30 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def speed_one(quality: str, device: str, frames: int, repeats: int) -> dict:
-    """Runs in its own process: builds the model, times `repeats` calls on `frames` frames at 1024^2."""
+def speed_one(quality: str, device: str, frames: int, batch: int, repeats: int) -> dict:
+    """Runs in its own process: builds the model, times `repeats` passes over `frames` frames at 1024^2,
+    `batch` frames per call (as the matting stage calls it)."""
     device = torch.device(device)
     dtype = torch.float16 if device.type in ("cuda", "mps") else torch.float32
     model = build_birefnet(CONFIGS[quality]).to(device=device, dtype=dtype).eval()
     params = sum(p.numel() for p in model.parameters())
-    image = torch.randn(frames, 3, 1024, 1024, device=device, dtype=dtype)
+    image = torch.randn(min(batch, frames), 3, 1024, 1024, device=device, dtype=dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before = rss_mb()
     times = []
     with torch.no_grad():
-        for _ in range(repeats + (device.type != "cpu")):  # one untimed warm-up call on accelerators
+        for _ in range(repeats + (device.type != "cpu")):  # one untimed warm-up pass on accelerators
             sync(device)
             start = time.perf_counter()
-            model(image)
+            for first in range(0, frames, batch):
+                model(image[:min(batch, frames - first)])
             sync(device)
             times.append(time.perf_counter() - start)
     times = times[1:] if device.type != "cpu" else times
     out = {"quality": quality, "params_M": params / 1e6, "device": device.type, "dtype": str(dtype)[6:],
-           "frames": frames, "s_per_frame": min(times) / frames, "s_per_frame_first": times[0] / frames}
+           "frames": frames, "batch": batch, "s_total": min(times), "s_per_frame": min(times) / frames,
+           "s_per_frame_first": times[0] / frames}
     if device.type == "cuda":
         out["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
@@ -78,11 +83,12 @@ def speed_one(quality: str, device: str, frames: int, repeats: int) -> dict:
     return out
 
 
-def speed(device: str, frames: int, repeats: int) -> list[dict]:
+def speed(device: str, frames: int, batch: int, repeats: int) -> list[dict]:
     rows = []
     for quality in CONFIGS:
         proc = subprocess.run([sys.executable, __file__, "_speed_one", quality, "--device", device, "--frames",
-                               str(frames), "--repeats", str(repeats)], capture_output=True, text=True)
+                               str(frames), "--batch", str(batch), "--repeats", str(repeats)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -90,12 +96,12 @@ def speed(device: str, frames: int, repeats: int) -> list[dict]:
     return rows
 
 
-def precision(device: str) -> list[dict]:
+def precision(device: str, golden: Path) -> list[dict]:
     from safetensors.torch import load_file
 
     from ss4d_blender.engine.models.birefnet import load_birefnet
 
-    case = REPO.parent / "shared" / "golden" / "birefnet"
+    case = golden / "birefnet"
     io = load_file(str(case / "io.safetensors"))
     ref = io["logits"].double()
     rows = []
@@ -190,17 +196,20 @@ def main() -> None:
                         choices=["precision", "speed", "temporal", "all", "_speed_one"])
     parser.add_argument("quality", nargs="?", default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--frames", type=int, default=1, help="frames per call (speed)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls (speed; the fastest is reported)")
+    parser.add_argument("--frames", type=int, default=1, help="frames timed (speed)")
+    parser.add_argument("--batch", type=int, default=1, help="frames per model call (speed)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes (speed; the fastest is reported)")
+    parser.add_argument("--golden", type=Path, default=REPO.parent / "shared" / "golden",
+                        help="folder holding the birefnet parity case (precision)")
     args = parser.parse_args()
     if args.what == "_speed_one":
-        print(json.dumps(speed_one(args.quality, args.device, args.frames, args.repeats)))
+        print(json.dumps(speed_one(args.quality, args.device, args.frames, args.batch, args.repeats)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.what in ("precision", "all"):
-        precision(args.device)
+        precision(args.device, args.golden)
     if args.what in ("speed", "all"):
-        speed(args.device, args.frames, args.repeats)
+        speed(args.device, args.frames, args.batch, args.repeats)
     if args.what in ("temporal", "all"):
         temporal()
 

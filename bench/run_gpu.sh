@@ -16,6 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" bench/registration.py --device cuda 2>&1 | tee "$LOG/registration.txt"
 "$PY" bench/registration.py --device cuda --textured --input-vertices 100000 2>&1 | tee -a "$LOG/registration.txt"
 "$PY" bench/precision.py --device cuda --golden "${GOLDEN:-shared/golden}" 2>&1 | tee "$LOG/precision.txt"
+"$PY" bench/matting.py speed --device cuda --frames 32 --batch 4 --repeats 3 2>&1 | tee "$LOG/matting.txt"
+"$PY" bench/matting.py precision --device cuda --golden "${GOLDEN:-shared/golden}" 2>&1 | tee -a "$LOG/matting.txt"
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 2>&1 | tee "$LOG/pipeline.txt"
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 --no-offload 2>&1 \
   | tee "$LOG/pipeline_no_offload.txt"
