@@ -4,7 +4,7 @@
     image [B, 3, H, W] (ImageNet-normalised, H and W multiples of 32)
     encoder:  Swin-v1 on the image and on the image at half resolution ('cat' pyramid)
               -> x1..x4 at H/4..H/32, each [full | half resized] along channels
-              -> x4 += context: x1, x2, x3 resized to x4's size, concatenated before x4
+              -> context: x4 <- [x1, x2, x3 resized to x4's size | x4] along channels
               -> squeeze block (BasicDecBlk) back to x4's width
     decoder:  at every level, the image cut into a grid of patches stacked along channels (the patch size is
               the level's size) feeds a small conv branch whose output joins the level's features;
@@ -30,10 +30,8 @@ import torch.nn.functional as F
 
 from ..errors import WeightsError
 from ..nn.deform_conv import deform_conv2d
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - the normalisation BiRefNet's inputs use too
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_SIZE = 1024  # the released models' training and inference resolution (square)
 SIZE_MULTIPLE = 32  # input sides must be multiples of the encoder's coarsest stride
 
 # how the image patches are stacked along channels for the decoder's image branches:
