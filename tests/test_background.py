@@ -351,6 +351,12 @@ def test_source_alpha_detected_only_when_it_separates_something():
     assert source_has_alpha(rgba)
     rgba[..., 3] = 0
     assert not source_has_alpha(rgba)  # transparent everywhere: nothing to keep
+    rgba[0, :4, :, 3] = 255
+    assert background.resolve_matting_mode("auto", rgba) == background.resolve_matting_mode(None, rgba) == "alpha"
+    assert background.resolve_matting_mode("auto", rgb) == "learned"
+    assert background.resolve_matting_mode("chroma", rgba) == "chroma"
+    with pytest.raises(InputError, match="Matting must be one of"):
+        background.resolve_matting_mode("magic", rgb)
 
 
 def _offline_python(code: str, tmp_path):

@@ -65,6 +65,20 @@ def source_has_alpha(frames: np.ndarray, min_transparent: float = 0.01) -> bool:
     return bool(transparent.max() >= min_transparent and (alpha >= 128).any())
 
 
+MATTING_MODES = ("auto", "alpha", "learned", "chroma")
+
+
+def resolve_matting_mode(mode: Optional[str], frames: np.ndarray) -> str:
+    """"auto" (or None) -> "alpha" when the frames carry usable alpha (`source_has_alpha`), else "learned";
+    the other modes are returned as given."""
+    mode = mode or "auto"
+    if mode not in MATTING_MODES:
+        raise InputError(f"Matting must be one of {', '.join(MATTING_MODES)}, got {mode!r}.")
+    if mode != "auto":
+        return mode
+    return "alpha" if source_has_alpha(frames) else "learned"
+
+
 def matting_source(model: Optional[str] = None, quality: Optional[str] = None,
                    pipeline: Optional[str] = None) -> str:
     """Which weights to use: `model` when given; else the pipeline folder's own `birefnet/` when it has one;
