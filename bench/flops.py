@@ -49,7 +49,8 @@ def main() -> int:
             flops = count_flops(lambda: model(x, t, cond, num_frames=T) if stage == "ss_flow" else model(x))
         total += flops * n
         print(f"{stage:11} {flops / 1e12:9.1f} TFLOP/call x {n:3d} calls = {flops * n / 1e15:7.2f} PFLOP")
-    print(f"dense stages total {total / 1e15:.2f} PFLOP; at 990 TFLOP/s (H100 dense fp16/bf16 peak) >= {total / 990e12:.1f} s")
+    print(f"dense stages total {total / 1e15:.2f} PFLOP; "
+          f"at 990 TFLOP/s (H100 dense fp16/bf16 peak) >= {total / 990e12:.1f} s")
     return 0
 
 

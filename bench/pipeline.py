@@ -57,9 +57,9 @@ RELEASED = {
 }
 
 
-MODULES = {"SparseStructureFlow4DModel": "sparse_structure_flow_4d", "SparseStructureDecoder": "sparse_structure_decoder",
-           "SLatFlow4DModel": "slat_flow_4d", "SLatGaussianDecoder": "slat_gaussian_decoder_4d",
-           "SLatMeshDecoder": "slat_mesh_decoder"}
+MODULES = {"SparseStructureFlow4DModel": "sparse_structure_flow_4d",
+           "SparseStructureDecoder": "sparse_structure_decoder", "SLatFlow4DModel": "slat_flow_4d",
+           "SLatGaussianDecoder": "slat_gaussian_decoder_4d", "SLatMeshDecoder": "slat_mesh_decoder"}
 
 
 def model_class(name: str):
@@ -97,7 +97,8 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.precision]
     T = a.frames
     label = "RELEASED sizes" if a.blocks is None else f"REDUCED: {a.blocks} blocks per network"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{device.type} ({torch.get_num_threads()} threads)")
     print(f"device {name} | torch {torch.__version__} | {a.precision} | {T} frames x ~{a.voxels} voxels | "
           f"{a.steps} steps | {label} | random weights | offload {'off' if a.no_offload else 'on'}")
 
@@ -109,7 +110,8 @@ def main():
 
     def inputs(stage):
         if stage == "ss_flow":
-            return lambda m: m(torch.randn(T, 8, 16, 16, 16, device=device, dtype=dtype), t, cond, num_frames=T), 2 * a.steps
+            return (lambda m: m(torch.randn(T, 8, 16, 16, 16, device=device, dtype=dtype), t, cond, num_frames=T),
+                    2 * a.steps)
         if stage == "ss_decoder":
             return lambda m: m(torch.randn(T, 8, 16, 16, 16, device=device, dtype=dtype)), 1
         x = SparseTensor(torch.randn(len(coords), 8, device=device, dtype=dtype), coords)

@@ -51,7 +51,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--golden", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "golden")
     a = p.parse_args()
-    print(f"device {a.device} | torch {torch.__version__} | error vs the reference's float32 output (tiny random-weight models)")
+    print(f"device {a.device} | torch {torch.__version__} | "
+          "error vs the reference's float32 output (tiny random-weight models)")
     print(f"{'case':28} " + " ".join(f"{p + ' max_abs':>13} {p + ' rel_l2':>11}" for p in ("fp32", "bf16", "fp16")))
     for case in CASES:
         cells = []

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,8 +66,10 @@ def main() -> int:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     rel = anim.fit_error / seq.diagonal
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    line = (f"{args.kind}{' (textured)' if args.textured else ''}: {args.frames} frames x {anim.vertices.shape[1]} vertices (inputs "
+    dev = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+           else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    line = (f"{args.kind}{' (textured)' if args.textured else ''}: {args.frames} frames x "
+            f"{anim.vertices.shape[1]} vertices (inputs "
             f"{min(v.shape[0] for v in seq.vertices)}-{max(v.shape[0] for v in seq.vertices)}) on {args.device} "
             f"({dev}): {seconds:.1f} s; fit error max {rel.max():.3%} of diagonal; torch {torch.__version__}")
     print(line)

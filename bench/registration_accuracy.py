@@ -145,7 +145,9 @@ def main() -> int:
                   flush=True)
         return 0
     print(f"{args.frames} frames, noise {args.noise:.2%} of the diagonal, "
-          + (f"textured{' (two-tone patches)' if args.patches else ''}{f' (shading {args.shading})' if args.shading else ''}{' (unrelated colours)' if args.unrelated else ''}"
+          + (f"textured{' (two-tone patches)' if args.patches else ''}"
+             f"{f' (shading {args.shading})' if args.shading else ''}"
+             f"{' (unrelated colours)' if args.unrelated else ''}"
              f" (colour noise {args.color_noise}, relight ±{args.relight:.0%})" if args.textured
              else "shape only") + (f", frames meshed on a {args.voxels}^3 voxel grid (sdf noise {args.sdf_noise} cells)"
                                    if args.voxels else "")

@@ -95,11 +95,13 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, torch {torch.__version__}, {a.dtype}, channels {a.channels}, grid {a.res}^3")
-    print(f"{'layer':6} {'voxels/frame':>12} {'frames':>6} {'map build ms':>12} {'sparse ms':>10} {'dense ms':>10} {'dense/sparse':>12}")
+    print(f"{'layer':6} {'voxels/frame':>12} {'frames':>6} {'map build ms':>12} {'sparse ms':>10} {'dense ms':>10} "
+          f"{'dense/sparse':>12}")
     for n in a.voxels:
         for kind, frames in (("3d", 1), ("4d", a.frames), ("1d", a.frames)):
             build, sparse, dense = bench(kind, n, frames, a.channels, a.res, device, dtype, a.repeats)
-            print(f"{kind:6} {n:12d} {frames:6d} {build * 1e3:12.1f} {sparse * 1e3:10.1f} {dense * 1e3:10.1f} {dense / sparse:12.2f}")
+            print(f"{kind:6} {n:12d} {frames:6d} {build * 1e3:12.1f} {sparse * 1e3:10.1f} {dense * 1e3:10.1f} "
+                  f"{dense / sparse:12.2f}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def main(argv=None):
         light.data.energy = energy * height * height
         light.data.size = 2 * height
         light.location = obj.location + Vector(loc) * height
-        light.rotation_euler = (obj.location + Vector((0, 0, height / 2)) - light.location).to_track_quat("-Z", "Y").to_euler()
+        towards_object = obj.location + Vector((0, 0, height / 2)) - light.location
+        light.rotation_euler = towards_object.to_track_quat("-Z", "Y").to_euler()
         scene.collection.objects.link(light)
     if scene.world is None:
         scene.world = bpy.data.worlds.new("preview_world")

@@ -2,7 +2,6 @@
 windows with alternating shift, rope_t, qk RMS norm), the sparse-structure decoder and the
 occupancy -> coords rule."""
 import json
-import math
 
 import pytest
 import torch

@@ -319,7 +319,8 @@ def test_weights_status_reads_the_hub_cache_without_network(tmp_path, tiny, monk
     status = hub.weights_status(str(tiny), None, "auto", str(tmp_path / "empty"))
     assert all(ready for ready, _ in status), status
     assert status[0][1] == "SS4D: local folder ready" and status[2][1] == "Mesh decoder: in the SS4D folder"
-    assert hub.weights_status(str(tmp_path), None, "none", None)[0] == (False, "SS4D: local folder has no pipeline.json")
+    assert hub.weights_status(str(tmp_path), None, "none", None)[0] == \
+        (False, "SS4D: local folder has no pipeline.json")
 
 
 # ------------------------------------------------------------------------------------------ frame reading

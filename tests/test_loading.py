@@ -66,7 +66,8 @@ def _write(folder: Path, name: str, config: dict, state: dict) -> Path:
 
 def _inputs(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 4, 4, 4, 4, generator=g), torch.rand(4, generator=g) * 1000, torch.randn(4, 3, 16, generator=g)
+    return (torch.randn(4, 4, 4, 4, 4, generator=g), torch.rand(4, generator=g) * 1000,
+            torch.randn(4, 3, 16, generator=g))
 
 
 @pytest.fixture

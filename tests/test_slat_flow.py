@@ -50,8 +50,11 @@ def test_output_rows_follow_input_rows(shared_dir):
     model.load_state_dict(weights, strict=True)
     coords, feats = io["coords"], io["feats"]
     g = torch.Generator().manual_seed(0)
-    perm = torch.cat([torch.nonzero(coords[:, 0] == b).flatten()[torch.randperm(int((coords[:, 0] == b).sum()), generator=g)]
-                      for b in range(int(coords[:, 0].max()) + 1)])
+    perm = []
+    for b in range(int(coords[:, 0].max()) + 1):
+        rows = torch.nonzero(coords[:, 0] == b).flatten()
+        perm.append(rows[torch.randperm(len(rows), generator=g)])
+    perm = torch.cat(perm)
     with torch.no_grad():
         base = model(SparseTensor(feats, coords), io["t"], io["cond"], num_frames=4)
         shuffled = model(SparseTensor(feats[perm], coords[perm]), io["t"], io["cond"], num_frames=4)
@@ -64,7 +67,8 @@ def test_released_config_structure_on_meta():
         model = SLatFlow4DModel(**RELEASED_ARGS)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert len(model.blocks) == 24
-    assert [len(model.input_blocks), len(model.input_blocks_t), len(model.out_blocks_t), len(model.out_blocks)] == [2, 2, 2, 2]
+    stages = [model.input_blocks, model.input_blocks_t, model.out_blocks_t, model.out_blocks]
+    assert [len(blocks) for blocks in stages] == [2, 2, 2, 2]
     expected = {
         "input_layer.weight": (128, 8),
         "input_blocks.0.conv1.conv.weight": (128, 3, 3, 3, 128),
@@ -132,7 +136,8 @@ def test_context_attention_per_batch_entry():
 
 def _random_coords(num_frames=4, clips=2, n=300, seed=3):
     g = torch.Generator().manual_seed(seed)
-    c = torch.cat([torch.randint(0, clips * num_frames, (n, 1), generator=g), torch.randint(0, 12, (n, 3), generator=g)], 1)
+    c = torch.cat([torch.randint(0, clips * num_frames, (n, 1), generator=g),
+                   torch.randint(0, 12, (n, 3), generator=g)], 1)
     c = torch.unique(c, dim=0)  # sorted by batch index, no duplicates
     return c.int()
 

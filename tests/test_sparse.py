@@ -125,12 +125,14 @@ def test_dense_table_and_sorted_key_lookups_agree(monkeypatch, extent):
     table = neighbours.build_neighbour_map(points, offsets) if extent == 1 else auto
     wanted = points[:, None, :] + offsets[None]                            # [N, K, D]
     same = (wanted[:, :, None, :] == points[None, None]).all(-1)           # [N, K, N]
-    brute = torch.where(same.any(-1), same.int().argmax(-1), torch.full_like(same[..., 0], len(points), dtype=torch.long))
+    brute = torch.where(same.any(-1), same.int().argmax(-1),
+                        torch.full_like(same[..., 0], len(points), dtype=torch.long))
     assert torch.equal(sorted_keys, brute) and torch.equal(table, brute) and torch.equal(auto, brute)
 
 
 def test_pool_unpool_roundtrip_and_mean_rule():
-    x = SparseTensor(torch.tensor([[1.0], [3.0], [5.0]]), torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1], [0, 2, 0, 0]], dtype=torch.int32))
+    x = SparseTensor(torch.tensor([[1.0], [3.0], [5.0]]),
+                     torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1], [0, 2, 0, 0]], dtype=torch.int32))
     down = SparseDownsample(2)(x)
     assert down.coords.tolist() == [[0, 0, 0, 0], [0, 1, 0, 0]]
     # the reference's mean counts its zero initial value: (1 + 3) / (2 + 1), 5 / (1 + 1)
@@ -138,7 +140,8 @@ def test_pool_unpool_roundtrip_and_mean_rule():
     up = SparseUpsample(2)(down)
     assert torch.equal(up.coords, x.coords) and up.feats.flatten().tolist() == pytest.approx([4 / 3, 4 / 3, 2.5])
     # temporal: frames (0, 1) -> pair 0, (2, 3) -> pair 1
-    xt = SparseTensor(torch.tensor([[2.0], [4.0], [6.0]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [2, 0, 0, 0]], dtype=torch.int32))
+    xt = SparseTensor(torch.tensor([[2.0], [4.0], [6.0]]),
+                      torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [2, 0, 0, 0]], dtype=torch.int32))
     down_t = SparseDownsample_t(2)(xt)
     assert down_t.coords.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
     assert down_t.feats.flatten().tolist() == pytest.approx([2.0, 3.0])

@@ -1,7 +1,5 @@
 """The worker process protocol (JSON lines, result files, errors, cancel) with the tiny pipeline."""
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -37,7 +37,7 @@ STAGES = ("Loading models", "Encoding frames", "Sampling structure", "Sampling l
 class GenerateSettings:
     pipeline: str = hub.SS4D_REPO          # hub repo id, or a local folder in the official layout
     revision: Optional[str] = None         # None = the pinned default of known repos
-    mesh_decoder: Optional[str] = "auto"   # "auto" (the pipeline's own, else TRELLIS), repo id / folder, None = from Gaussians
+    mesh_decoder: Optional[str] = "auto"   # "auto" (pipeline's own, else TRELLIS), repo/folder; None = from Gaussians
     cache_dir: Optional[str] = None        # None = the standard Hugging Face cache
     seed: int = 0
     steps: Optional[int] = None            # None = pipeline.json's sampler params (both stages)
@@ -81,7 +81,8 @@ def _image_encoder_folder(spec: PipelineSpec, settings: GenerateSettings, progre
     return hub.resolve(hub.DINOV2_REPO, cache_dir=settings.cache_dir)
 
 
-def _mesh_decoder_path(spec: PipelineSpec, settings: GenerateSettings, pipeline_json: dict) -> tuple[Optional[Path], str]:
+def _mesh_decoder_path(spec: PipelineSpec, settings: GenerateSettings,
+                       pipeline_json: dict) -> tuple[Optional[Path], str]:
     choice = settings.mesh_decoder
     if choice is None:
         return None, "none (meshes from the Gaussians)"

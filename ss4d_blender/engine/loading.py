@@ -91,10 +91,12 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing:
-        raise WeightsError(f"{source}: missing key '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        raise WeightsError(f"{source}: missing key '{missing[0]}'"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                            + ". These weights do not belong to this model; check the weights source.")
     if unexpected:
-        raise WeightsError(f"{source}: unexpected key '{unexpected[0]}'" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        raise WeightsError(f"{source}: unexpected key '{unexpected[0]}'"
+                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
                            + ". These weights do not belong to this model; check the weights source.")
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):

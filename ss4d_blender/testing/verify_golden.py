@@ -3,8 +3,8 @@
     python -m ss4d_blender.testing.verify_golden DIR [DIR...]
 
 Each DIR is a case folder (manifest.json + io.safetensors [+ config.json + weights.safetensors], or a
-pipeline folder with pipeline.json) or a folder holding such folders (searched recursively). Prints one line per case: name, max abs
-error, relative L2 error and PASS/FAIL of its worst check (with a note when there is one); with
+pipeline folder with pipeline.json) or a folder holding such folders (searched recursively). Prints one line per
+case: name, max abs error, relative L2 error and PASS/FAIL of its worst check (with a note when there is one); with
 `--verbose` every check. Exit status 0 only if every case passes.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     for case in cases:
         try:
             checks, error = run_case(case)
-        except Exception as err:  # a crash is a failure of that case, not of the tool
+        except Exception as err:  # noqa: BLE001 - a crash is a failure of that case, not of the tool
             checks, error = [], f"{type(err).__name__}: {err}"
             if args.verbose:
                 traceback.print_exc()

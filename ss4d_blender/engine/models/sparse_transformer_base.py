@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import torch
 import torch.nn as nn
 
 from ..nn.layers import AbsolutePositionEmbedder

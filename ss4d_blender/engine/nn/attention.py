@@ -37,7 +37,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         step = queries // Lq
         out = [F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step]) for i in range(0, B, step)]
         return torch.cat(out).transpose(1, 2)
-    out = [torch.cat([F.scaled_dot_product_attention(qc, k[i:i + 1], v[i:i + 1]) for qc in q[i:i + 1].split(queries, dim=2)], dim=2)
+    out = [torch.cat([F.scaled_dot_product_attention(qc, k[i:i + 1], v[i:i + 1])
+                      for qc in q[i:i + 1].split(queries, dim=2)], dim=2)
            for i in range(B)]
     return torch.cat(out).transpose(1, 2)
 
@@ -57,7 +58,8 @@ def temporal_windows(num_frames: int, window_size: int, shift: int) -> list[rang
     return windows
 
 
-def temporal_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, shift: int) -> torch.Tensor:
+def temporal_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
+                              shift: int) -> torch.Tensor:
     """Attention among all tokens of the frames of one temporal window.
 
     q, k, v: [clips, T, L, H, D] -> [clips, T, L, H, D]. Windows of equal length are batched into one
@@ -113,7 +115,8 @@ class MultiHeadAttention(nn.Module):
             self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
         self.qk_rms_norm = qk_rms_norm
         # rope_t only acts in temporal attention (frame index inside the clip)
-        self.rope_t = RotaryPositionEmbedder(self.head_dim, 1, base=rope_base) if use_rope_t and type == "temporal" else None
+        use_rope = use_rope_t and type == "temporal"
+        self.rope_t = RotaryPositionEmbedder(self.head_dim, 1, base=rope_base) if use_rope else None
         self.to_out = nn.Linear(channels, channels)
 
     def _norm(self, q, k):
@@ -121,7 +124,8 @@ class MultiHeadAttention(nn.Module):
             return self.q_rms_norm(q), self.k_rms_norm(k)
         return q, k
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, num_frames: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                num_frames: Optional[int] = None) -> torch.Tensor:
         B, L, C = x.shape
         H, D = self.num_heads, self.head_dim
         if self.type == "cross":

@@ -11,7 +11,6 @@ and are broadcast to the voxels of that entry.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn

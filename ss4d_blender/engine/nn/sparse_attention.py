@@ -186,7 +186,8 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     num_groups, longest = counts.numel(), int(counts.max())
     if num_groups * longest <= 2 * q.shape[0] and num_groups > 4:
         # many small groups (windows): one padded batch with a key mask
-        slot = torch.arange(q.shape[0], device=q.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        first_row = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        slot = torch.arange(q.shape[0], device=q.device) - first_row
         row = torch.repeat_interleave(torch.arange(num_groups, device=q.device), counts)
 
         def padded(t):
@@ -280,5 +281,6 @@ def cross_frame_window_groups(coords: torch.Tensor, num_frames: int, window_size
     shift, size = _per_axis(shift_window), _per_axis(window_size)
     batch = coords[:, :1].long()
     time_cell = (batch + shift[0]) // size[0] + batch // num_frames
-    cells = (coords[:, 1:].long() + torch.tensor(shift, device=coords.device)) // torch.tensor(size, device=coords.device)
+    cells = ((coords[:, 1:].long() + torch.tensor(shift, device=coords.device))
+             // torch.tensor(size, device=coords.device))
     return _group_ids(torch.cat([time_cell, cells], dim=1))

@@ -297,7 +297,6 @@ class DeformationGraph:
         """One damped Gauss-Newton step on data(x) + stiffness · regulariser. Returns (rot, trans).
         kept: the edge vectors e_jk [E, 3] the regulariser keeps (rest: g_k − g_j)."""
         n, dt, dev = self.num_nodes, x.dtype, x.device
-        k = self.near.shape[1]
         eye = torch.eye(3, dtype=dt, device=dev)
         # Jacobian of x_i w.r.t. (δω_k, δt_k): [V, K, 3, 6]
         a = torch.einsum("vkab,vkb->vka", rot[self.near], self.offset)

@@ -33,7 +33,8 @@ def submanifold_conv(x: SparseTensor, weight: torch.Tensor, bias: Optional[torch
     nbr = neighbour_map(x, kernel_shape, num_frames)  # [N, K]
     k = nbr.shape[1]
     dtype = x.feats.dtype
-    matrix = weight.to(dtype).reshape(out_channels, k, in_channels).permute(1, 2, 0).reshape(k * in_channels, out_channels)
+    matrix = weight.to(dtype).reshape(out_channels, k, in_channels).permute(1, 2, 0)
+    matrix = matrix.reshape(k * in_channels, out_channels)
     padded = torch.cat([x.feats, x.feats.new_zeros(1, in_channels)])
     n = nbr.shape[0]
     if n <= (_CHUNK_ELEMENTS.get(x.device.type, 1 << 23) // (k * in_channels)):

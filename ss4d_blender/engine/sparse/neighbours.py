@@ -47,7 +47,8 @@ def build_neighbour_map(points: torch.Tensor, offsets: torch.Tensor) -> torch.Te
     n = points.shape[0]
     device = points.device
     offsets = offsets.to(device)
-    reach = offsets.abs().max(0).values if len(offsets) else torch.zeros(points.shape[1], dtype=torch.int64, device=device)
+    reach = (offsets.abs().max(0).values if len(offsets)
+             else torch.zeros(points.shape[1], dtype=torch.int64, device=device))
     low = points.min(0).values - reach
     span = points.max(0).values - low + reach + 1
     # mixed-radix strides: the last axis varies fastest
@@ -77,7 +78,8 @@ def neighbour_map(x: SparseTensor, kernel_shape: Sequence[int], num_frames: int 
         points = lattice_points(x.coords, num_frames)
         offsets = kernel_offsets(kernel_shape)
         # pad the offsets with zeros on the axes the kernel does not cover (batch, or clip)
-        offsets = torch.cat([torch.zeros(len(offsets), points.shape[1] - offsets.shape[1], dtype=torch.int64), offsets], 1)
+        leading = torch.zeros(len(offsets), points.shape[1] - offsets.shape[1], dtype=torch.int64)
+        offsets = torch.cat([leading, offsets], 1)
         nbr = build_neighbour_map(points, offsets)
         x.cache[key] = nbr
     return nbr

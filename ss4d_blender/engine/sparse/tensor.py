@@ -70,4 +70,5 @@ class SparseTensor:
         return SparseTensor(feats, self.coords.to(feats.device))
 
     def __repr__(self) -> str:
-        return f"SparseTensor(feats={tuple(self.feats.shape)} {self.feats.dtype}, voxels={len(self.coords)}, batch={self.batch_size})"
+        return (f"SparseTensor(feats={tuple(self.feats.shape)} {self.feats.dtype}, voxels={len(self.coords)}, "
+                f"batch={self.batch_size})")

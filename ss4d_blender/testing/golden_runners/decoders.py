@@ -54,7 +54,8 @@ def compare_gaussian_decoder(config: dict, manifest: dict, io: dict, weights: di
                 results.append(tensor_check(f"frame{k}_{attr}", getattr(frames[k], attr), io[f"frame{k}_{attr}"], tol))
         k += 1
     if len(frames) != k:
-        results.append(Check("num_frames", float("inf"), 0.0, False, f"{len(frames)} frames decoded, reference has {k}"))
+        results.append(Check("num_frames", float("inf"), 0.0, False,
+                             f"{len(frames)} frames decoded, reference has {k}"))
     return results
 
 
@@ -68,7 +69,8 @@ def compare_mesh_decoder(config: dict, manifest: dict, io: dict, weights: dict) 
     if not coords.passed:
         return [coords, Check("out_feats", float("inf"), float("inf"), False, "not compared: coords differ")]
     ours, ref = lexicographic_order(out.coords.int().cpu()), lexicographic_order(io["out_coords"].int())
-    return [coords, tensor_check("out_feats", out.feats[ours], io["out_feats"][ref], manifest["tolerance"], coords.note)]
+    return [coords,
+            tensor_check("out_feats", out.feats[ours], io["out_feats"][ref], manifest["tolerance"], coords.note)]
 
 
 def compare(config: dict, manifest: dict, io: dict, weights: dict) -> List[Check]:

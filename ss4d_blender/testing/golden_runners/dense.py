@@ -23,7 +23,8 @@ def _model(case_dir: Path, config: dict):
 def run_flow(case_dir: Path, config: dict, manifest: dict, io: dict) -> list[Check]:
     model = _model(case_dir, config)
     with torch.no_grad():
-        out = model(io["x"].float(), io["t"].float(), io["cond"].float(), num_frames=int(manifest["non_tensor_args"]["num_frames"]))
+        num_frames = int(manifest["non_tensor_args"]["num_frames"])
+        out = model(io["x"].float(), io["t"].float(), io["cond"].float(), num_frames=num_frames)
     return [tensor_check("out", out, io["out"], manifest["tolerance"])]
 
 
@@ -44,8 +45,8 @@ def run_decoder(case_dir: Path, config: dict, manifest: dict, io: dict) -> list[
         ref_set[tuple(io["coords"].long().t())] = True
         disagree = (ours_set != ref_set) & ~near_zero
         check = Check("coords", 0.0 if not disagree.any() else float("inf"), 0.0, not bool(disagree.any()),
-                      f"{int((ours_set != ref_set).sum())} voxels differ, all with |logit| <= 1e-4" if not disagree.any()
-                      else f"{int(disagree.sum())} voxels differ away from the threshold")
+                      f"{int((ours_set != ref_set).sum())} voxels differ, all with |logit| <= 1e-4"
+                      if not disagree.any() else f"{int(disagree.sum())} voxels differ away from the threshold")
     checks.append(check)
     return checks
 

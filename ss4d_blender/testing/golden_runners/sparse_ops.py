@@ -35,7 +35,8 @@ def compare(config: dict, manifest: dict, io: dict, weights: dict) -> list[Check
         if f"{name}_out_coords" in io:
             checks.append(coords_set_check(f"{name}_out_coords", out.coords, io[f"{name}_out_coords"]))
 
-    for kind, down_cls, up_cls in (("", SparseDownsample, SparseUpsample), ("_t", SparseDownsample_t, SparseUpsample_t)):
+    for kind, down_cls, up_cls in (("", SparseDownsample, SparseUpsample),
+                                   ("_t", SparseDownsample_t, SparseUpsample_t)):
         down = down_cls(2)(x)
         up = up_cls(2)(down.replace(down.feats * 2))
         checks.append(tensor_check(f"down{kind}_feats", down.feats, io[f"down{kind}_feats"], tol))
