@@ -6,9 +6,11 @@ Shapes: `Trajectories` of V vertices over T frames, labels [V] (bone of each ver
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .skinning import Trajectories, bone_errors, rotation_from_covariance, weighted_rigid_fit
+from .skinning import Trajectories, bone_errors, kabsch, weighted_rigid_fit
 
 
 def rigid_fit(traj: Trajectories, members: torch.Tensor) -> torch.Tensor:
@@ -17,37 +19,76 @@ def rigid_fit(traj: Trajectories, members: torch.Tensor) -> torch.Tensor:
     return weighted_rigid_fit(traj.rest[members], traj.by_vertex[members], ones)
 
 
-def fit_clusters(traj: Trajectories, labels: torch.Tensor, count: int) -> torch.Tensor:
-    """The least-squares rigid motion of each cluster, all at once -> [T, count, 3, 4]: with one-hot
-    membership O [V, B], t = mean(v) - R p* and R from H = Σ p vᵀ - p* (Σ v)ᵀ per cluster and frame."""
+SETTLED = 1e-3          # k-means stops when at most this share of the vertices changes bone
+
+
+@dataclass
+class ClusterSums:
+    """Per-cluster sums that a rigid fit needs; sums of two clusters are the sums of their union."""
+    size: torch.Tensor          # [B]
+    p: torch.Tensor             # Σ p  [B, 3]
+    pp: torch.Tensor            # Σ |p|²  [B]
+    v: torch.Tensor             # Σ v_t  [B, T, 3]
+    vv: torch.Tensor            # Σ_t Σ |v_t|²  [B]
+    pv: torch.Tensor            # Σ p v_tᵀ  [B, T, 3, 3]
+
+    def pick(self, index) -> "ClusterSums":
+        return ClusterSums(*(x[index] for x in vars(self).values()))
+
+    def __add__(self, other: "ClusterSums") -> "ClusterSums":
+        return ClusterSums(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
+
+def cluster_sums(traj: Trajectories, labels: torch.Tensor, count: int) -> ClusterSums:
     V, T, _ = traj.by_vertex.shape
-    member = torch.nn.functional.one_hot(labels, count).to(traj.rest.dtype)    # [V, B]
-    size = member.sum(0).clamp_min(1)[:, None]                                 # [B, 1]
-    p_star = member.T @ traj.rest / size                                       # [B, 3]
-    sum_v = (member.T @ traj.by_vertex.reshape(V, T * 3)).reshape(count, T, 3)
-    sum_pv = (member.T @ traj.outer).reshape(count, T, 3, 3).transpose(-1, -2)  # Σ p vᵀ  [B, T, 3, 3]
-    H = sum_pv - p_star[:, None, :, None] * sum_v[:, :, None, :]
-    R = rotation_from_covariance(H)                                            # [B, T, 3, 3]
-    t = sum_v / size[:, :, None] - (R @ p_star[:, None, :, None]).squeeze(-1)
-    return torch.cat([R, t[..., None]], -1).transpose(0, 1)
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros((count,) + x.shape[1:]).index_add_(0, labels, x)
+    return ClusterSums(size=total(torch.ones_like(traj.rest[:, 0])), p=total(traj.rest),
+                       pp=total((traj.rest * traj.rest).sum(1)), v=total(traj.by_vertex),
+                       vv=total((traj.by_vertex * traj.by_vertex).sum((1, 2))),
+                       pv=total(traj.outer).reshape(count, T, 3, 3).transpose(-1, -2))
+
+
+def rigid_from_sums(sums: ClusterSums) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each cluster's least-squares rigid motion [T, B, 3, 4] and its total squared error [B]: with
+    p* = Σp / n and H = Σ p vᵀ - p* (Σ v)ᵀ, R = Kabsch(H), t = Σv / n - R p*, and the error
+    T Σ|p - p*|² + Σ|v - v*|² - 2 tr(R H) summed over the frames."""
+    T = sums.v.shape[1]
+    size = sums.size.clamp_min(1)
+    p_star = sums.p / size[:, None]                                            # [B, 3]
+    H = sums.pv - p_star[:, None, :, None] * sums.v[:, :, None, :]             # [B, T, 3, 3]
+    R, trace = kabsch(H)
+    t = sums.v / size[:, None, None] - (R @ p_star[:, None, :, None]).squeeze(-1)
+    spread_p = sums.pp - (sums.p * sums.p).sum(1) / size
+    spread_v = sums.vv - (sums.v * sums.v).sum((1, 2)) / size
+    error = (T * spread_p + spread_v - 2 * trace.sum(1)).clamp_min(0)
+    return torch.cat([R, t[..., None]], -1).transpose(0, 1), error
+
+
+def fit_clusters(traj: Trajectories, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """The least-squares rigid motion of each cluster, all at once -> [T, count, 3, 4]."""
+    return rigid_from_sums(cluster_sums(traj, labels, count))[0]
 
 
 def relabel(traj: Trajectories, transforms: torch.Tensor, min_size: int,
             iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Alternates assigning each vertex to its best bone and refitting the bones (rigid k-means); clusters
-    smaller than `min_size` are dissolved. Returns labels [V], transforms [T, B', 3, 4], errors [V]."""
+    """Alternates assigning each vertex to its best bone and refitting the bones (rigid k-means) until
+    (almost) no vertex changes bone; clusters smaller than `min_size` are dissolved. Returns labels [V], transforms
+    [T, B', 3, 4], errors [V]."""
+    labels = None
     for _ in range(iterations):
         errors = bone_errors(traj, transforms)                                  # [V, B]
-        labels = errors.argmin(1)
-        sizes = torch.bincount(labels, minlength=transforms.shape[1])
+        new_labels = errors.argmin(1)
+        sizes = torch.bincount(new_labels, minlength=transforms.shape[1])
         keep = sizes >= min_size
         if not bool(keep.all()):
             transforms = transforms[:, keep]
-            labels = bone_errors(traj, transforms).argmin(1)
-        previous = transforms
-        transforms = fit_clusters(traj, labels, transforms.shape[1])
-        if torch.allclose(previous, transforms, atol=1e-6):
+            new_labels = bone_errors(traj, transforms).argmin(1)
+        elif labels is not None and int((new_labels != labels).sum()) <= SETTLED * len(labels):
             break
+        labels = new_labels
+        transforms = fit_clusters(traj, labels, transforms.shape[1])
     best, labels = bone_errors(traj, transforms).min(1)
     return labels, transforms, best
 
@@ -92,25 +133,23 @@ def merge_cheapest(traj: Trajectories, labels: torch.Tensor, transforms: torch.T
                    errors: torch.Tensor, edges: torch.Tensor, min_size: int, iterations: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merges the two touching clusters (a mesh edge between them) whose union a single rigid motion
-    explains with the least extra error, then re-clusters."""
+    explains with the least extra error (all pairs at once, from the clusters' sums), then re-clusters."""
     B = transforms.shape[1]
     a, b = labels[edges[:, 0]], labels[edges[:, 1]]
     keys = torch.unique((torch.minimum(a, b) * B + torch.maximum(a, b))[a != b])
     if len(keys) == 0:
         return labels, transforms, errors
-    best, best_cost = None, None
-    for i, j in zip((keys // B).tolist(), (keys % B).tolist()):
-        members = torch.nonzero((labels == i) | (labels == j)).squeeze(1)
-        motion = rigid_fit(traj, members)
-        cost = float(bone_errors(traj.subset(members), motion[:, None]).sum() - errors[members].sum())
-        if best_cost is None or cost < best_cost:
-            best, best_cost = (i, j, motion), cost
-    i, j, motion = best
+    first, second = keys // B, keys % B
+    sums = cluster_sums(traj, labels, B)
+    merged, merged_error = rigid_from_sums(sums.pick(first) + sums.pick(second))
+    current = torch.zeros(B, dtype=errors.dtype, device=errors.device).index_add_(0, labels, errors)
+    best = int((merged_error - current[first] - current[second]).argmin())
+    i, j = int(first[best]), int(second[best])
     keep = torch.ones(B, dtype=torch.bool, device=transforms.device)
     keep[j] = False
-    merged = transforms.clone()
-    merged[:, i] = motion
-    return relabel(traj, merged[:, keep], min_size, iterations)
+    joined = transforms.clone()
+    joined[:, i] = merged[:, best]
+    return relabel(traj, joined[:, keep], min_size, iterations)
 
 
 def refine(traj: Trajectories, labels: torch.Tensor, transforms: torch.Tensor,

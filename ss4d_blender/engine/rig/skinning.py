@@ -74,17 +74,24 @@ def move(transform: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return torch.einsum("tij,nj->nti", transform[..., :3], points) + transform[..., 3]
 
 
-def rotation_from_covariance(H: torch.Tensor) -> torch.Tensor:
-    """The rotation R maximising tr(R H) for covariances H = Σ x yᵀ [..., 3, 3] (Kabsch): R = V diag(1, 1, d) Uᵀ."""
+def kabsch(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For covariances H = Σ x yᵀ [..., 3, 3]: the rotation R = V diag(1, 1, d) Uᵀ maximising tr(R H), and
+    that maximum σ1 + σ2 + d σ3 [...]."""
     device = H.device
     work = H.cpu() if device.type == "mps" else H                              # no batched SVD on MPS
-    U, _, Vh = torch.linalg.svd(work.double())
+    U, S, Vh = torch.linalg.svd(work.double())
     VU = Vh.transpose(-1, -2) @ U.transpose(-1, -2)
     d = torch.sign((VU[..., 0] * torch.linalg.cross(VU[..., 1], VU[..., 2])).sum(-1))   # det(V Uᵀ)
     d = torch.where(d == 0, torch.ones_like(d), d)
     D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
     R = Vh.transpose(-1, -2) @ D @ U.transpose(-1, -2)
-    return R.to(device=device, dtype=H.dtype)
+    trace = S[..., 0] + S[..., 1] + d * S[..., 2]
+    return R.to(device=device, dtype=H.dtype), trace.to(device=device, dtype=H.dtype)
+
+
+def rotation_from_covariance(H: torch.Tensor) -> torch.Tensor:
+    """The rotation R maximising tr(R H) for covariances H = Σ x yᵀ [..., 3, 3] (Kabsch)."""
+    return kabsch(H)[0]
 
 
 def weighted_rigid_fit(rest: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
