@@ -80,7 +80,10 @@ def run_clip(args) -> None:
     windows, state = [], {"window": None, "since": time.perf_counter()}
 
     def on_progress(stage: str, fraction: float) -> None:
-        window = stage.split(" · ")[0] if " · " in stage else "Window 1 of 1"
+        if " · " in stage:
+            window = stage.split(" · ")[0]
+        else:   # a one-window clip's stages carry no window; "Loading models" comes before any window
+            window = "loading" if stage == "Loading models" else "Window 1 of 1"
         if window != state["window"]:
             now = time.perf_counter()
             if state["window"] is not None:
