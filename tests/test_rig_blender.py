@@ -144,6 +144,17 @@ def test_correctives_are_exact_and_failure_changes_nothing(addon, monkeypatch):
     assert obj.data.shape_keys.animation_data.action is not None
 
 
+def test_unusable_animation_is_reported_and_changes_nothing(addon):
+    obj = generated_object()
+    block = obj.data.shape_keys.key_blocks[3]
+    block.data[5].co = (float("nan"), 0.0, 0.0)
+    before = {kind: sorted(x.name for x in getattr(bpy.data, kind)) for kind in ("objects", "armatures", "actions")}
+    with pytest.raises(RuntimeError, match="shape key 'Frame 7'.*NaN"):      # bpy raises on an ERROR report
+        bpy.ops.ss4d.convert_to_armature()
+    assert {kind: sorted(x.name for x in getattr(bpy.data, kind)) for kind in before} == before
+    assert not obj.vertex_groups and not obj.modifiers and "ss4d_rig" not in obj.keys()
+
+
 def test_panel_button(addon):
     """The 3D viewport's SS4D panel draws the button under its own content for a generated object."""
     from ss4d_blender.blender import panels

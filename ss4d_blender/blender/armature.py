@@ -61,6 +61,9 @@ def read_animation(obj) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     vertices = np.empty((len(blocks), V * 3), np.float32)
     for i, block in enumerate(blocks):
         block.data.foreach_get("co", vertices[i])
+        if not np.isfinite(vertices[i]).all():
+            raise InputError(f"The shape key '{block.name}' of '{obj.name}' has NaN or infinite coordinates; "
+                             f"rebuild the mesh before converting it to an armature.")
     rest = np.empty(V * 3, np.float32)
     mesh.shape_keys.key_blocks[0].data.foreach_get("co", rest)
     if any(len(p.vertices) != 3 for p in mesh.polygons):

@@ -147,11 +147,12 @@ def corrective_offsets(traj: Trajectories, weights, transforms) -> torch.Tensor:
     δ_t = (Σ_b w_vb R_tb)⁻¹ (v_t - LBS_t(p))."""
     blended = blend_matrices(weights, transforms)                              # [V, T, 3, 4]
     residual = traj.by_vertex - apply_matrices(blended, traj.rest)             # [V, T, 3]
-    A = blended[..., :3].double()
-    delta, info = torch.linalg.solve_ex(A, residual.double()[..., None])
+    precise = torch.float32 if blended.device.type == "mps" else torch.float64   # no float64 on MPS
+    A, b = blended[..., :3].to(precise), residual.to(precise)[..., None]
+    delta, info = torch.linalg.solve_ex(A, b)
     singular = info != 0
     if bool(singular.any()):
-        delta[singular] = torch.linalg.pinv(A[singular]) @ residual.double()[singular][..., None]
+        delta[singular] = torch.linalg.pinv(A[singular]) @ b[singular]
     return delta.squeeze(-1).transpose(0, 1).to(traj.rest.dtype)
 
 
