@@ -1,12 +1,15 @@
 """The rig fit (engine/rig): bones and skin weights recovered from animations made by known linear blend
 skinning, non-rigid motion with and without correctives, the weights' constraints, the RIG.npz format,
 degenerate input and the `rig` command line. Small meshes; bench/rig.py measures 32 frames x 20k vertices."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from rig_synthetic import skinned_capsule
 from ss4d_blender.engine.errors import InputError
+from ss4d_blender.engine.registration.cli import save_animation
 from ss4d_blender.engine.rig import Rig, RigSettings, fit_rig
 from ss4d_blender.engine.rig.cli import main as rig_main
 from ss4d_blender.engine.rig.rig_file import FIELDS
@@ -165,8 +168,9 @@ def test_rig_file_and_command_line(tmp_path, capsys):
     frame) and writes exactly the documented arrays; bad input exits with 2 and one error line."""
     capsule = skinned_capsule(bones=3, frames=6, rings=24, around=12)
     anim = tmp_path / "anim.npz"
-    np.savez_compressed(anim, faces=capsule.faces, vertices=capsule.vertices, fit_error=np.zeros(6, np.float32),
-                        reference_frame=np.int32(2), bad_frames=np.zeros(0, np.int32))
+    save_animation(anim, SimpleNamespace(faces=capsule.faces, vertices=capsule.vertices, colors=None,
+                                         fit_error=np.zeros(6, np.float32), reference_frame=2,
+                                         info={"bad_frames": []}))              # the writer `animate` uses
     out = tmp_path / "rig.npz"
     assert rig_main([str(anim), str(out), "--bones", "3", "--correctives"]) == 0
     assert "3 bones" in capsys.readouterr().out
