@@ -314,7 +314,11 @@ def test_panel_draws_in_every_state(scene, shared_dir, tiny_pipeline):
     scene.ss4d.auto_reference = False
     assert "reference_frame" in draw_panel(bpy.context).props
     scene.ss4d.matting = "CHROMA"
-    assert {"key_color", "tolerance", "softness"} <= set(draw_panel(bpy.context).props)
+    props = set(draw_panel(bpy.context).props)
+    assert {"auto_key_color", "tolerance", "softness"} <= props and "key_color" not in props  # measured
+    scene.ss4d.auto_key_color = False
+    assert "key_color" in draw_panel(bpy.context).props
+    scene.ss4d.auto_key_color = True
     scene.ss4d.num_frames = 2
     assert bpy.ops.ss4d.generate(synchronous=True) == {"FINISHED"}
     bpy.context.view_layer.objects.active = bpy.data.objects["SS4D_clip"]
