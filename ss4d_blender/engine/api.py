@@ -29,8 +29,8 @@ from .types import AnimatedMesh
 from .windows import (FrameFile, StoredFrames, WindowCache, WindowRecord, check_window_settings, frames_digest,
                       known_frames, plan_windows, settings_key, window_seed)
 
-STAGES = ("Loading models", "Encoding frames", "Sampling structure", "Sampling latents", "Decoding", "Meshing",
-          "Cleaning meshes", "Registering")
+STAGES = ("Removing background", "Loading models", "Encoding frames", "Sampling structure", "Sampling latents",
+          "Decoding", "Meshing", "Cleaning meshes", "Registering")
 
 
 @dataclass
@@ -52,6 +52,10 @@ class GenerateSettings:
     window: int = 32                       # frames per window: even, 32 = the length the model was trained on
     overlap: int = 8                       # frames a window shares with the one before (even, below window)
     step: int = 1                          # use every step-th input frame (2 = every other frame)
+    matting: str = "alpha"                 # alpha (the frames' own) | learned (BiRefNet) | auto (alpha if present)
+    matting_quality: Optional[str] = None  # learned matting: best (BiRefNet) | fast (BiRefNet_lite); None = best
+    matting_model: Optional[str] = None    # learned matting weights: repo/folder/file; None = the pipeline's, else
+                                           # the released model for matting_quality
 
     @classmethod
     def from_user(cls, **given) -> "GenerateSettings":
@@ -102,9 +106,11 @@ def _mesh_decoder_path(spec: PipelineSpec, settings: GenerateSettings,
 
 
 def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSettings(),
-             progress: Optional[Progress] = None, window_cache: Optional[Union[str, Path]] = None
-             ) -> GenerationResult:
-    """frames_rgba: uint8 [T, H, W, 4] sRGB with straight alpha (matting already done), T >= 2.
+             progress: Optional[Progress] = None, window_cache: Optional[Union[str, Path]] = None,
+             frame_numbers: Optional[list] = None) -> GenerationResult:
+    """frames_rgba: uint8 [T, H, W, 4] sRGB with straight alpha, T >= 2; with `settings.matting` "learned"
+    (or "auto" on frames without usable alpha) uint8 [T, H, W, 3|4], whose background is removed first
+    (stage "Removing background"). frame_numbers: how messages name the frames (default: counted from 0).
 
     Every `settings.step`-th frame is used. A clip longer than `settings.window` runs as overlapping windows
     (`engine.windows`), each continuing the one before; progress stages then read "Window 2 of 8 · Sampling
@@ -113,10 +119,11 @@ def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSetti
     the same settings and frames resumes after the last finished window, e.g. after a cancel."""
     progress = progress or Progress()
     started = time.perf_counter()
-    # 1. Check the inputs, before any weights are loaded
-    check_frames(frames_rgba)
+    # 1. Check the inputs, before any weights are loaded; remove the background when asked
+    if settings.matting == "alpha":
+        check_frames(frames_rgba)
     check_window_settings(settings.window, settings.overlap, settings.step)
-    clip = frames_rgba[::settings.step]
+    clip, matting, warnings = _matted_clip(frames_rgba, settings, progress, frame_numbers)
     check_frames(clip)
     box = crop_box(clip[..., 3])  # an empty alpha fails here, before any weights are loaded; one box for all windows
     # 2. Plan the windows and load the pipeline
@@ -144,7 +151,23 @@ def generate(frames_rgba: np.ndarray, settings: GenerateSettings = GenerateSetti
             records.append(_without_frames(record))
             previous = record
     # 4. All windows' new frames as one result
-    return run.result(records, gaussians, meshes, clip.shape[0], started)
+    return run.result(records, gaussians, meshes, clip.shape[0], started, matting, warnings)
+
+
+def _matted_clip(frames: np.ndarray, settings: GenerateSettings, progress: Progress,
+                 frame_numbers: Optional[list]) -> tuple[np.ndarray, dict, list]:
+    """Every `settings.step`-th frame, matted as the settings say (`background.matte_clip`): (RGBA frames,
+    the matting used, its warnings)."""
+    from .background import matte_clip
+
+    if not isinstance(frames, np.ndarray) or frames.ndim != 4:
+        return frames, {}, []          # check_frames names the problem
+    if frame_numbers is None and settings.step > 1:
+        frame_numbers = list(range(frames.shape[0]))
+    numbers = list(frame_numbers)[::settings.step] if frame_numbers is not None else None
+    return matte_clip(frames[::settings.step], settings.matting, progress, quality=settings.matting_quality,
+                      model_source=settings.matting_model, pipeline=settings.pipeline, device=settings.device,
+                      precision=settings.precision, cache_dir=settings.cache_dir, frame_numbers=numbers)
 
 
 def _without_frames(record: WindowRecord) -> WindowRecord:
@@ -275,9 +298,10 @@ class _WindowRun:
         report("Cleaning meshes", 1.0)
         return gaussians, meshes
 
-    def result(self, records: list, gaussians: list, meshes: list, num_frames: int, started: float
-               ) -> GenerationResult:
-        """All windows' new frames as one result (frames on disk stay there)."""
+    def result(self, records: list, gaussians: list, meshes: list, num_frames: int, started: float,
+               matting: Optional[dict] = None, warnings: tuple = ()) -> GenerationResult:
+        """All windows' new frames as one result (frames on disk stay there); `matting`: what removed the
+        background (recorded in the settings), `warnings`: its warnings."""
         if all(isinstance(g, list) for g in gaussians):
             gaussians, meshes = [g for part in gaussians for g in part], [m for part in meshes for m in part]
         else:
@@ -285,10 +309,11 @@ class _WindowRun:
         info = asdict(self.settings)
         info.update(self.info, frames_used=num_frames, padded_frame=num_frames % 2 == 1 and len(self.plan) == 1,
                     crop_box=list(self.box), windows=[[s, e] for s, e in self.plan],
-                    seconds=round(time.perf_counter() - started, 2))
+                    seconds=round(time.perf_counter() - started, 2), **(matting or {}))
         return GenerationResult(num_frames=num_frames, coords=np.concatenate([r.coords for r in records]),
                                 slat_feats=np.concatenate([r.slat_feats for r in records]), gaussians=gaussians,
-                                meshes=meshes, settings=info, is_random_weights=self.pipe.spec.is_random_weights)
+                                meshes=meshes, settings=info, is_random_weights=self.pipe.spec.is_random_weights,
+                                warnings=list(warnings))
 
 
 def _continuation(previous: Optional[WindowRecord], known: int, device: torch.device):

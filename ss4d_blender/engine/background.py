@@ -252,6 +252,41 @@ def remove_background(frames_rgb: np.ndarray, model_source: Optional[str] = None
                        warnings)
 
 
+# ------------------------------------------------------------------------------ the matting step of generation
+ENGINE_MATTING_MODES = ("auto", "alpha", "learned")  # chroma keying happens before the engine (Blender side)
+
+
+def matte_clip(frames: np.ndarray, mode: Optional[str] = "auto", progress=None, *, quality: Optional[str] = None,
+               model_source: Optional[str] = None, pipeline: Optional[str] = None, device: str = "auto",
+               precision: str = "auto", cache_dir: Optional[str] = None,
+               frame_numbers: Optional[Sequence[int]] = None) -> tuple[np.ndarray, dict, list[str]]:
+    """The matting step of generation: frames uint8 [T, H, W, 3|4] -> (RGBA frames, what was used, warnings).
+
+    mode "alpha": the frames' own alpha, with an object in every frame; "learned": BiRefNet
+    (`remove_background`, stage "Removing background"); "auto" / None: alpha when the frames carry it
+    (`source_has_alpha`), else learned. What was used: {"matting": "alpha" | "learned"} and, when learned,
+    the model's source, revision and variant. Frames that are not uint8 [T, H, W, 3|4] are returned as
+    they are, for the caller's own checks to name the problem."""
+    if mode not in (None,) + ENGINE_MATTING_MODES:
+        raise InputError(f"The engine's matting is one of {', '.join(ENGINE_MATTING_MODES)}, got {mode!r}; a "
+                         f"green or blue screen is keyed by `python -m ss4d_blender generate VIDEO --matting chroma`.")
+    well_formed = (isinstance(frames, np.ndarray) and frames.ndim == 4 and frames.shape[-1] in (3, 4)
+                   and frames.dtype == np.uint8 and frames.shape[0] >= 2)
+    if not well_formed:
+        return frames, {"matting": mode or "auto"}, []
+    from .matte_temporal import check_object_in_every_frame
+
+    if resolve_matting_mode(mode, frames) == "alpha":
+        if frames.shape[-1] == 4 and frames[..., 3].any():  # an alpha empty everywhere: the crop names it
+            check_object_in_every_frame(frames[..., 3] > 127, frame_numbers, what="the source's alpha")
+        return frames, {"matting": "alpha"}, []
+    result = remove_background(frames, model_source, quality, progress, pipeline=pipeline, device=device,
+                               precision=precision, cache_dir=cache_dir, frame_numbers=frame_numbers)
+    used = {"matting": "learned", "matting_source": result.source, "matting_revision": result.revision,
+            "matting_variant": result.variant}
+    return result.frames, used, list(result.warnings)
+
+
 # ------------------------------------------------------------------------------ tiny random-weight model
 TINY_INPUT_SIZE = 256
 

@@ -118,6 +118,33 @@ def add_weights_flags(parser: argparse.ArgumentParser) -> None:
                         help="weights cache (default: the Hugging Face cache, HF_HOME / HF_HUB_CACHE)")
 
 
+MATTING_HELP = {
+    "auto": "the source's alpha when it has transparency, else learned",
+    "alpha": "the source carries transparency (PNG frames, ProRes 4444 .mov, WebM with alpha; a usual .mp4 has "
+             "no alpha)",
+    "learned": "remove the background with BiRefNet (any ordinary video)",
+    "chroma": "key out a green or blue screen",
+}
+
+
+def add_matting_flags(parser: argparse.ArgumentParser, modes: tuple, default: str, model: bool = True) -> None:
+    """`--matting MODE` (one of `modes`, keys of MATTING_HELP), `--matting-quality` and, with `model`,
+    `--matting-model` (`GenerateSettings.matting`, `matting_quality`, `matting_model`)."""
+    from .hub import BIREFNET_LITE_REPO, BIREFNET_REPO
+
+    described = "; ".join(f"{mode}: {MATTING_HELP[mode]}" for mode in modes)
+    parser.add_argument("--matting", choices=list(modes), default=default,
+                        help=f"how the object is separated from its background: {described} (default: {default})")
+    parser.add_argument("--matting-quality", choices=["best", "fast"], default=None,
+                        help=f"learned matting: best ({BIREFNET_REPO}) or fast ({BIREFNET_LITE_REPO}, less memory) "
+                             f"(default: best; a --pipeline folder's own birefnet/ model is used when it has one)")
+    if not model:
+        return
+    parser.add_argument("--matting-model", default=None, metavar="REPO_OR_DIR",
+                        help="learned matting weights: hub repository id, folder with model.safetensors or a "
+                             ".safetensors file (default: from --matting-quality)")
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     """`GenerateSettings.seed`, `steps`, `cfg`."""
     parser.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default: 0)")
@@ -134,9 +161,10 @@ def add_device_flags(parser: argparse.ArgumentParser, precision: bool = True) ->
                             help="auto (fp16 on GPUs, fp32 on the CPU) | fp32 | fp16 | bf16 (default: auto)")
 
 
-def add_frame_flags(parser: argparse.ArgumentParser, frames_default: str, start_help: str) -> None:
+def add_frame_flags(parser: argparse.ArgumentParser, frames_default: str, start_help: str,
+                    step: bool = True) -> None:
     """Which frames of the clip: `--frames N|all`, `--start`, `--end`; and the windows of a long clip
-    (`GenerateSettings.window`, `overlap`, `step`)."""
+    (`GenerateSettings.window`, `overlap`, and `step` unless the front end picks the frames itself)."""
     parser.add_argument("--frames", type=frame_count, default=None, metavar="N|all",
                         help=f"N frames spread evenly over the range, or all of them (default: {frames_default})")
     parser.add_argument("--start", type=positive_int, default=None, help=f"first frame to use ({start_help})")
@@ -146,8 +174,9 @@ def add_frame_flags(parser: argparse.ArgumentParser, frames_default: str, start_
                              "(default: 32)")
     parser.add_argument("--overlap", type=non_negative_int, default=None,
                         help="frames shared by neighbouring windows (default: 8)")
-    parser.add_argument("--step", type=positive_int, default=None,
-                        help="use every STEP-th frame of the range (default: 1)")
+    if step:
+        parser.add_argument("--step", type=positive_int, default=None,
+                            help="use every STEP-th frame of the range (default: 1)")
 
 
 def add_animate_flags(parser: argparse.ArgumentParser, reference_help: str) -> None:

@@ -5,13 +5,14 @@
 A video (mov / mkv / webm / avi / ...): decoded with PyAV (FFmpeg's decoders in a wheel) when its pixel
 format carries alpha: PNG, QuickTime Animation (qtrle), ProRes 4444, FFV1 or uncompressed RGBA in .mov/.mkv,
 and VP8/VP9 with alpha in .webm (decoded with libvpx, which reads the alpha side channel FFmpeg's own VP9
-decoder drops). A video without alpha (a typical H.264 .mp4) is refused with a pointer to matting: the
-engine does no matting; `python -m ss4d_blender generate VIDEO --matting chroma` decodes with Blender and
-keys the background.
+decoder drops). A video without alpha (a typical H.264 .mp4) is refused with a pointer to matting, unless
+`require_alpha=False` (learned matting removes the background afterwards: `engine generate --matting learned`);
+`python -m ss4d_blender generate VIDEO --matting chroma` decodes with Blender and keys a green/blue screen.
 A folder: every PNG / WebP / TIFF (and, to give a clear message, JPEG / BMP) in it, ordered by the
 numbers in the file names ("frame_2.png" before "frame_10.png"). Images must carry transparency (an
 alpha channel, or a palette/transparency key Pillow turns into one); images without it need matting
-first. An `.npz`: the array `frames` [T, H, W, 4] uint8.
+first (or `require_alpha=False`). An `.npz`: the array `frames` [T, H, W, 4] uint8 ([T, H, W, 3] too when
+alpha is not required).
 """
 from __future__ import annotations
 
@@ -28,15 +29,16 @@ NO_ALPHA_SUFFIXES = {".jpg", ".jpeg", ".bmp"}       # listed only to say "matte 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".gif",
                   ".ogv", ".mts", ".m2ts", ".3gp"}
 
-VIDEO_NO_ALPHA_MESSAGE = ("{path} has no alpha channel (pixel format {format}), so the object cannot be "
-                          "separated from its background here: the engine does no matting. Use `python -m "
-                          "ss4d_blender generate {path} --matting chroma` (Blender's decoder and a chroma key), or "
-                          "export the video with transparency (PNG/ProRes 4444 in .mov, VP9 with alpha in .webm).")
+VIDEO_NO_ALPHA_MESSAGE = ("{path} has no alpha channel (pixel format {format}), so the object must be separated "
+                          "from its background first: add --matting learned (background removal with BiRefNet), "
+                          "use `python -m ss4d_blender generate {path} --matting chroma` for a green or blue "
+                          "screen, or export the video with transparency (PNG/ProRes 4444 in .mov, VP9 with alpha "
+                          "in .webm).")
 NO_PYAV_MESSAGE = ("Reading videos needs PyAV (`pip install av`, listed in requirements.txt). Without it, give a "
                    "folder of PNG frames with transparency, or use `python -m ss4d_blender generate {path}`.")
 MATTE_MESSAGE = ("{path} has no alpha channel (mode {mode}). SS4D needs the object separated from its "
-                 "background: matte the frames first (e.g. `python -m ss4d_blender generate` with chroma key, or "
-                 "any background remover) and save them as PNG with transparency.")
+                 "background: matte the frames first (--matting learned, `python -m ss4d_blender generate` with chroma "
+                 "key, or any background remover and PNG frames with transparency).")
 
 
 def natural_key(name: str) -> tuple:
@@ -132,17 +134,17 @@ def check_frame_folder(folder: Union[str, Path], require_alpha: bool = True) -> 
     return files
 
 
-def _read_folder(folder: Path, frame_indices, max_frames, frame_range=None) -> np.ndarray:
+def _read_folder(folder: Path, frame_indices, max_frames, frame_range=None, require_alpha=True) -> np.ndarray:
     files = _folder_frame_files(folder)
     frames, first = [], None
     for i in _selection(len(files), frame_indices, max_frames, folder, frame_range):
-        image = read_image_rgba(files[i])
+        image = read_image_rgba(files[i], require_alpha)
         first = _check_same_size(files[i], image, first)
         frames.append(image)
     return np.stack(frames)
 
 
-def _read_npz(path: Path, frame_indices, max_frames, frame_range=None) -> np.ndarray:
+def _read_npz(path: Path, frame_indices, max_frames, frame_range=None, require_alpha=True) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as data:
             if "frames" not in data.files:
@@ -152,7 +154,7 @@ def _read_npz(path: Path, frame_indices, max_frames, frame_range=None) -> np.nda
         raise InputError(f"Cannot read {path} ({err}).") from err
     if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
         raise InputError(f"{path}: 'frames' must be [frames, height, width, 4], got shape {frames.shape}.")
-    if frames.shape[-1] == 3:
+    if frames.shape[-1] == 3 and require_alpha:
         raise InputError(MATTE_MESSAGE.format(path=path, mode="RGB"))
     if frames.dtype != np.uint8:
         raise InputError(f"{path}: 'frames' must be uint8 (0..255), got {frames.dtype}.")
@@ -195,7 +197,7 @@ def _decoded_frames(path: Path):
             yield from decoder.decode(packet)  # the last (empty) packet flushes the decoder
 
 
-def _read_video(path: Path, frame_indices, max_frames, frame_range=None) -> np.ndarray:
+def _read_video(path: Path, frame_indices, max_frames, frame_range=None, require_alpha=True) -> np.ndarray:
     try:
         import av  # noqa: F401
     except ImportError as err:
@@ -209,7 +211,7 @@ def _read_video(path: Path, frame_indices, max_frames, frame_range=None) -> np.n
             total += 1
         if total == 0:
             raise InputError(f"{path} contains no decodable video frames.")
-        if not _format_has_alpha(first_format):
+        if require_alpha and not _format_has_alpha(first_format):
             raise InputError(VIDEO_NO_ALPHA_MESSAGE.format(path=path, format=first_format.name))
         chosen = _selection(total, frame_indices, max_frames, path, frame_range)
         wanted = dict.fromkeys(chosen)
@@ -226,23 +228,26 @@ def _read_video(path: Path, frame_indices, max_frames, frame_range=None) -> np.n
 
 
 def read_frames(path: Union[str, Path], frame_indices: Optional[Sequence[int]] = None,
-                max_frames: Optional[int] = None, frame_range: Optional[tuple] = None) -> np.ndarray:
+                max_frames: Optional[int] = None, frame_range: Optional[tuple] = None,
+                require_alpha: bool = True) -> np.ndarray:
     """A video with alpha, a frame folder or an `.npz` -> uint8 [T, H, W, 4] straight-alpha RGBA.
 
     frame_indices: which frames (decoded video frames / natural file order / the npz's first axis), default all.
     frame_range: or (first, last) frame counted from 1, inclusive, either None for the clip's own.
     max_frames: then keep at most this many, spread evenly (first and last included).
+    require_alpha: False reads sources without alpha too (opaque RGBA; an .npz may be [T, H, W, 3]), for
+    learned matting.
     Raises InputError (video or images without alpha, undecodable, different sizes, nothing to read, ...)."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
     if not path.exists():
         raise InputError(f"Input not found: {path}")
     if suffix in VIDEO_SUFFIXES and path.is_file():
-        return _read_video(path, frame_indices, max_frames, frame_range)
+        return _read_video(path, frame_indices, max_frames, frame_range, require_alpha)
     if path.is_dir():
-        return _read_folder(path, frame_indices, max_frames, frame_range)
+        return _read_folder(path, frame_indices, max_frames, frame_range, require_alpha)
     if suffix == ".npz":
-        return _read_npz(path, frame_indices, max_frames, frame_range)
+        return _read_npz(path, frame_indices, max_frames, frame_range, require_alpha)
     if suffix in IMAGE_SUFFIXES | NO_ALPHA_SUFFIXES:
         raise InputError(f"{path} is a single image; SS4D needs a sequence. Give the folder that holds the frames.")
     raise InputError(f"Cannot read {path}: expected a video with alpha, a folder of RGBA frames (PNG/WebP/TIFF) "

@@ -4,7 +4,8 @@ The add-on never imports torch into Blender's Python. It writes a job folder and
 
     <runtime python> -m ss4d_blender.engine.worker JOB_DIR/job.json
 
-job.json: {"kind": "generate" | "animate", "frames": "frames.npz" (generate), "result": "result.safetensors",
+job.json: {"kind": "generate" | "animate" | "matte" | "download" | "download_matting", "frames": "frames.npz",
+"frame_numbers": [...] (how messages name the frames), "result": "result.safetensors",
 "animation": "animation.npz", "settings": {GenerateSettings fields}, "animate": {target_vertices,
 reference_frame, temporal_smoothing, device}, "cancel_file": "cancel"} (paths relative to the job folder or
 absolute). The worker prints one JSON object per line on stdout:
@@ -59,6 +60,39 @@ def _download(settings: dict, report) -> int:
     return 0
 
 
+def _download_matting(job: dict, report) -> int:
+    """Fetches one learned matting model (job["source"]: a repository id) into the cache."""
+    from .background import resolve_matting_weights
+
+    report(f"Downloading {job['source']}", 0.0)
+    weights, used = resolve_matting_weights(job["source"], cache_dir=job.get("cache_dir") or None)
+    report("Downloaded", 1.0)
+    _emit({"done": {"downloaded": {job["source"]: {"folder": str(weights.parent), "revision": used}}}})
+    return 0
+
+
+def _matte(job_dir: Path, job: dict, progress) -> int:
+    """Preview Matte: frames.npz -> matte.npz (`frames`, RGBA) with the settings' matting, no generation."""
+    import numpy as np
+
+    from .api import GenerateSettings
+    from .background import matte_clip
+
+    with np.load(_path(job_dir, job.get("frames", "frames.npz"))) as data:
+        frames = data["frames"]
+    s = GenerateSettings.from_user(**job.get("settings", {}))
+    rgba, used, warnings = matte_clip(frames, s.matting, progress, quality=s.matting_quality,
+                                      model_source=s.matting_model, pipeline=s.pipeline, device=s.device,
+                                      precision=s.precision, cache_dir=s.cache_dir,
+                                      frame_numbers=job.get("frame_numbers"))
+    out = _path(job_dir, job.get("matte", "matte.npz"))
+    np.savez(out, frames=rgba)
+    for warning in warnings:
+        _emit({"warning": warning})
+    _emit({"done": {"matte": str(out), "warnings": warnings, **used}})
+    return 0
+
+
 def run_job(job_file: Path) -> int:
     """Runs one job; returns the exit status. All output goes through _emit."""
     import numpy as np
@@ -84,12 +118,16 @@ def run_job(job_file: Path) -> int:
             with np.load(_path(job_dir, job.get("frames", "frames.npz"))) as data:
                 frames = data["frames"]
             settings = GenerateSettings.from_user(**job.get("settings", {}))
-            result = generate(frames, settings, progress)
+            result = generate(frames, settings, progress, frame_numbers=job.get("frame_numbers"))
             result.save(result_path)
         elif job["kind"] == "animate":
             result = load_result(result_path)
         elif job["kind"] == "download":
             return _download(job.get("settings", {}), report)
+        elif job["kind"] == "download_matting":
+            return _download_matting(job, report)
+        elif job["kind"] == "matte":
+            return _matte(job_dir, job, progress)
         else:
             raise SS4DError(f"Unknown job kind {job['kind']!r}.")
         anim_args = dict(job.get("animate", {}))
