@@ -194,7 +194,7 @@ def test_non_integer_frame_rates_are_set_exactly(tmp_path):
     from fractions import Fraction
 
     clips = [write_clip(tmp_path / f"clip_{i}.mp4", Fraction(n, 1001)) for i, n in enumerate((30000, 24000))]
-    code = ("import sys, bpy\nfrom pathlib import Path\nfrom ss4d_blender.__main__ import load_source\n"
+    code = ("import sys, bpy\nfrom pathlib import Path\nfrom ss4d_blender.blender.headless import load_source\n"
             "for p in sys.argv[1:]:\n    bpy.ops.wm.read_factory_settings(use_empty=True)\n"
             "    s = bpy.context.scene\n    load_source(s, Path(p), [])\n"
             "    print('RATE', s.render.fps, repr(s.render.fps_base))\n")
