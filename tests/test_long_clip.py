@@ -14,8 +14,8 @@ from ss4d_blender.engine.result import GenerationResult, load_result
 from ss4d_blender.engine.sampler import FlowEulerSampler, KnownFrames, flow_times
 from ss4d_blender.engine.tiny import make_tiny_pipeline
 from ss4d_blender.engine.types import Mesh
-from ss4d_blender.engine.windows import (WindowCache, WindowRecord, frames_digest, known_frames, plan_windows,
-                                         settings_key, window_seed)
+from ss4d_blender.engine.windows import (WindowCache, WindowRecord, cache_folder_for, frames_digest, known_frames,
+                                         plan_windows, settings_key, window_seed)
 from ss4d_blender.testing.synthetic import make_sequence, registration_errors
 
 from test_engine_api import assert_results_equal
@@ -196,6 +196,7 @@ def test_window_cache_only_answers_for_the_same_settings_and_frames(tmp_path):
     np.testing.assert_array_equal(loaded.meshes[1].faces, mesh.faces)
     WindowCache(tmp_path, "key1").path(1).write_bytes(b"damaged")
     assert WindowCache(tmp_path, "key1").load(1, "abc") is None
+    assert cache_folder_for(tmp_path / "out") == tmp_path / ".out.ss4d-windows"
     keyed = settings_key(asdict(GenerateSettings()), 72, (48, 48, 4))
     assert keyed == settings_key(asdict(GenerateSettings(device="cuda", low_vram=True)), 72, (48, 48, 4))
     assert keyed != settings_key(asdict(GenerateSettings(seed=1)), 72, (48, 48, 4))

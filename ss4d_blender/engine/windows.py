@@ -83,6 +83,13 @@ def settings_key(settings: dict, num_frames: int, frame_shape: tuple) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def cache_folder_for(output: Union[str, Path]) -> Path:
+    """Where a front end keeps the window cache of a run writing to `output` (a folder or file): beside it,
+    outside any staging folder that replaces the output as a whole, so a cancelled run's windows survive."""
+    output = Path(output).absolute()
+    return output.parent / f".{output.name}.ss4d-windows"
+
+
 @dataclass
 class WindowRecord:
     """One finished window: what the next window continues from and the frames it added to the clip.
