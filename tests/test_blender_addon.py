@@ -238,6 +238,7 @@ class RecordingLayout:
 
     def operator(self, idname, **_):
         self.operators.append(idname)
+        return SimpleNamespace()  # the operator's properties, which a draw may set
 
     def progress(self, **_):
         pass

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import runtime_env
 from ..engine.errors import InputError, SS4DError
+from ..engine.background import source_has_alpha
 from ..engine.matting import alpha_from_source, chroma_key
 from ..engine.worker import WorkerClient
 from . import frames as frame_source
@@ -43,12 +44,14 @@ def weights_settings(prefs) -> dict:
             "cache_dir": bpy.path.abspath(prefs.cache_dir) if prefs.cache_dir else ""}
 
 
-def engine_settings(context) -> dict:
+def engine_settings(context, matting: str = "alpha") -> dict:
     """The generation settings the user chose (preferences and the scene's SS4D panel), for
-    `GenerateSettings.from_user`: values as the user spells them, the engine's defaults stay in the engine."""
+    `GenerateSettings.from_user`: values as the user spells them, the engine's defaults stay in the engine.
+    matting: what the engine still does ("alpha": the frames were matted in Blender; "learned": BiRefNet)."""
     p, s = preferences.get(context), context.scene.ss4d
     return {**weights_settings(p), "seed": s.seed, "steps": s.steps, "cfg": s.guidance, "device": p.device,
-            "precision": p.precision, "window": s.window, "overlap": s.overlap}
+            "precision": p.precision, "window": s.window, "overlap": s.overlap, "matting": matting,
+            "matting_quality": s.matting_quality.lower()}
 
 
 def animate_settings(context, scene_frames: list[int]) -> dict:
@@ -98,6 +101,8 @@ class Job:
 
     kind: "generate" (a new object) or "animate" (the mesh of `target_object` rebuilt from its result).
     request: the worker's job.json; job_dir: its folder (removed by `cleanup`)."""
+
+    needs_worker = True  # the operator finds the runtime Python for it
 
     def __init__(self, context, kind: str, request: dict, job_dir: Path, scene_frames: list[int], strip_name: str,
                  target_object=None):
@@ -154,36 +159,109 @@ def _keep_result_file(obj, result: Path) -> None:
     obj["ss4d_result_file"] = bpy.path.relpath(str(destination)) if bpy.data.filepath else str(destination)
 
 
-def _matted_frames(scene, strip, scene_frames: list[int]) -> np.ndarray:
-    """The strip's frames as Blender shows them, with the panel's matting: uint8 [T, H, W, 4]."""
+def _matted_frames(scene, strip, scene_frames: list[int]) -> tuple[np.ndarray, str]:
+    """The strip's frames as Blender shows them, with the panel's matting: (uint8 [T, H, W, 4], what the
+    engine still does). Alpha in the source and chroma keying happen here ("alpha" is left to do); learned
+    matting, and Automatic on a clip without transparency, in the worker ("learned")."""
     settings = scene.ss4d
     rgba = frame_source.extract_frames(scene, strip, scene_frames)
     if settings.matting == "CHROMA":
         key_color = None if settings.auto_key_color else tuple(settings.key_color)
-        return chroma_key(rgba, key_color, settings.tolerance, settings.softness, frame_numbers=scene_frames)
-    return alpha_from_source(rgba)
+        return chroma_key(rgba, key_color, settings.tolerance, settings.softness, frame_numbers=scene_frames), "alpha"
+    if settings.matting == "LEARNED" or (settings.matting == "AUTO" and not source_has_alpha(rgba)):
+        return rgba, "learned"
+    return alpha_from_source(rgba), "alpha"
+
+
+def _picked_frames(scene, strip) -> list[int]:
+    """The scene frames the panel's range and frame count pick from `strip`."""
+    settings = scene.ss4d
+    start, end = frame_source.strip_range(strip)
+    if not settings.use_strip_range:
+        start, end = max(start, settings.frame_start), min(end, settings.frame_end)
+    return frame_source.pick_frames(start, end, settings.num_frames)
+
+
+def _job_folder(arrays: dict) -> Path:
+    """A new job folder holding `arrays` as frames.npz; nothing is left behind when writing fails."""
+    job_dir = Path(tempfile.mkdtemp(prefix="ss4d_job_"))
+    try:
+        np.savez(job_dir / "frames.npz", **arrays)
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    return job_dir
 
 
 def generate_job(context) -> Job:
     """A job generating a new object from the active strip, over the panel's frame range. Nothing is left
     behind when reading the frames fails."""
     scene = context.scene
-    settings = scene.ss4d
     strip = frame_source.active_strip(scene)
-    start, end = frame_source.strip_range(strip)
-    if not settings.use_strip_range:
-        start, end = max(start, settings.frame_start), min(end, settings.frame_end)
-    scene_frames = frame_source.pick_frames(start, end, settings.num_frames)
-    rgba = _matted_frames(scene, strip, scene_frames)
-    job_dir = Path(tempfile.mkdtemp(prefix="ss4d_job_"))
-    try:
-        np.savez(job_dir / "frames.npz", frames=rgba)
-    except BaseException:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        raise
-    request = {"kind": "generate", "frames": "frames.npz", "settings": engine_settings(context),
-               "animate": animate_settings(context, scene_frames)}
+    scene_frames = _picked_frames(scene, strip)
+    rgba, matting = _matted_frames(scene, strip, scene_frames)
+    job_dir = _job_folder({"frames": rgba})
+    request = {"kind": "generate", "frames": "frames.npz", "settings": engine_settings(context, matting),
+               "animate": animate_settings(context, scene_frames), "frame_numbers": scene_frames}
     return Job(context, "generate", request, job_dir, scene_frames, strip.name)
+
+
+class MatteJob(Job):
+    """Preview Matte: the panel's frames with the panel's matting, shown as an image strip above the source
+    (`matte_preview`). Learned matting runs in the worker (kind "matte"); alpha and chroma are done in
+    Blender already, so that job needs no worker (`needs_worker` False)."""
+
+    def __init__(self, context, request: Optional[dict], job_dir: Path, scene_frames: list[int], strip,
+                 frames: Optional[np.ndarray] = None):
+        super().__init__(context, "matte", request, job_dir, scene_frames, strip.name)
+        self.frames = frames
+        self.needs_worker = request is not None
+
+    def start(self, python: Optional[str], environment: Optional[dict] = None):
+        if self.needs_worker:
+            return super().start(python, environment)
+        return FinishedWork({"matte": str(self.job_dir / "frames.npz"), "matting": "alpha"})
+
+    def finish(self, context, done: dict):
+        """Writes the matted frames as PNGs and adds the preview strip. Returns the strip."""
+        from . import matte_preview
+
+        with np.load(done["matte"]) as data:
+            frames = data["frames"]
+        source = next(s for s in frame_source.sequencer_strips(context.scene) if s.name == self.strip_name)
+        return matte_preview.add_preview_strip(context.scene, source, frames, self.scene_frames)
+
+
+class FinishedWork:
+    """Stands in for a worker whose work was done in Blender: finished, with `done` as its result."""
+
+    def __init__(self, done: dict):
+        from ..engine.worker import WorkerState
+
+        self.state = WorkerState(stage="Done", fraction=1.0, done=done, finished=True, returncode=0)
+
+    def snapshot(self):
+        return self.state
+
+    def wait(self, timeout: Optional[float] = None):
+        return self.state
+
+    def cancel(self, grace_seconds: float = 0.0) -> None:
+        pass
+
+
+def matte_job(context) -> MatteJob:
+    """A job matting the panel's frames of the active strip for Preview Matte."""
+    scene = context.scene
+    strip = frame_source.active_strip(scene)
+    scene_frames = _picked_frames(scene, strip)
+    rgba, matting = _matted_frames(scene, strip, scene_frames)
+    job_dir = _job_folder({"frames": rgba})
+    request = None
+    if matting == "learned":
+        request = {"kind": "matte", "frames": "frames.npz", "settings": engine_settings(context, matting),
+                   "frame_numbers": scene_frames, "matte": "matte.npz"}
+    return MatteJob(context, request, job_dir, scene_frames, strip)
 
 
 def rebuild_job(context, obj) -> Job:
@@ -235,13 +313,22 @@ def task_snapshot(context) -> dict:
 
 def download_weights(task: dict, status: TaskStatus, stop: threading.Event) -> None:
     """Downloads every file generation needs into the cache, through the worker (thread; never touches bpy)."""
+    _download(task, {"kind": "download", "settings": task["weights"]}, status, stop)
+
+
+def download_matting_weights(task: dict, status: TaskStatus, stop: threading.Event) -> None:
+    """Downloads one learned matting model (task["matting_repo"]) into the cache, through the worker."""
+    _download(task, {"kind": "download_matting", "source": task["matting_repo"],
+                     "cache_dir": task["weights"]["cache_dir"]}, status, stop)
+
+
+def _download(task: dict, request: dict, status: TaskStatus, stop: threading.Event) -> None:
     python = runtime_env.find_runtime_python(task["python"], task["runtime_dir"])
     if python is None:
         raise SS4DError("Install the runtime first (button below).")
     job_dir = Path(tempfile.mkdtemp(prefix="ss4d_download_"))
     try:
-        client = WorkerClient(python, job_dir, {"kind": "download", "settings": task["weights"]},
-                              env=task["environment"])
+        client = WorkerClient(python, job_dir, request, env=task["environment"])
         while not client.snapshot().finished:
             if stop.is_set():
                 client.cancel(grace_seconds=1.0)

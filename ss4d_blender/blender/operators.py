@@ -1,4 +1,4 @@
-"""Operators: Generate 4D, Cancel, Rebuild Mesh, Download Weights, Install Runtime.
+"""Operators: Generate 4D, Preview Matte, Cancel, Rebuild Mesh, Download Weights, Install Runtime.
 
 The operators poll, start, watch and report; the jobs they run live in `jobs.py`. Generate 4D and Rebuild
 Mesh run a job's worker process: in the UI as a modal operator (a timer reads the worker's progress, which a
@@ -14,7 +14,7 @@ import threading
 from typing import Optional
 
 import bpy
-from bpy.props import BoolProperty
+from bpy.props import BoolProperty, EnumProperty
 
 from ..engine.errors import SS4DError
 from ..engine.types import poor_fit_message
@@ -88,7 +88,8 @@ class _JobOperator:
         ACTIVE.ensure_idle()
         job = self.make_job(context)
         try:
-            client = job.start(jobs.runtime_python(context), worker_environment(context))
+            python = jobs.runtime_python(context) if job.needs_worker else None
+            client = job.start(python, worker_environment(context))
         except BaseException:
             job.cleanup()
             raise
@@ -195,6 +196,29 @@ class SS4D_OT_rebuild_mesh(_JobOperator, bpy.types.Operator):
         return jobs.rebuild_job(context, context.active_object)
 
 
+class SS4D_OT_preview_matte(_JobOperator, bpy.types.Operator):
+    """Show the panel's matting of the active strip (the frames Generate 4D would use) as an image strip in
+    a new channel above it; the source strip is not changed. Learned matting runs in the generator process"""
+
+    bl_idname = "ss4d.preview_matte"
+    bl_label = "Preview Matte"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        return context.scene is not None and not context.scene.ss4d.running
+
+    def make_job(self, context):
+        return jobs.matte_job(context)
+
+    def _report_result(self, context, strip, warnings: list) -> None:
+        for warning in warnings:
+            self.report({"WARNING"}, warning)
+        message = f"Matte preview '{strip.name}' added in channel {strip.channel}."
+        self.report({"INFO"}, message)
+        _report_state(context, "", 0.0, False, message)
+
+
 class SS4D_OT_cancel(bpy.types.Operator):
     """Stop the running generation at its next step"""
 
@@ -226,6 +250,10 @@ class _BackgroundTask(bpy.types.Operator):
     def after(self) -> None:
         """Runs on the main thread once the task ended."""
 
+    def snapshot(self, context) -> dict:
+        """What the task needs from Blender, read on the main thread."""
+        return jobs.task_snapshot(context)
+
     def execute(self, context):
         if self.needs_network and not preferences.online_access(context):
             preferences.get(context).status = OFFLINE_MESSAGE
@@ -233,7 +261,7 @@ class _BackgroundTask(bpy.types.Operator):
             return {"CANCELLED"}
         self._status, self._stop = jobs.TaskStatus(), threading.Event()
         self._thread = threading.Thread(target=_run_task, daemon=True,
-                                        args=(self.task, jobs.task_snapshot(context), self._status, self._stop))
+                                        args=(self.task, self.snapshot(context), self._status, self._stop))
         self._thread.start()
         if bpy.app.background:
             self._thread.join()
@@ -274,6 +302,23 @@ class SS4D_OT_download_weights(_BackgroundTask):
         preferences.WEIGHTS_STATUS.forget()
 
 
+class SS4D_OT_download_matting_weights(_BackgroundTask):
+    """Download a learned matting model (BiRefNet, MIT licence) into the cache, with progress; Esc cancels"""
+
+    bl_idname = "ss4d.download_matting_weights"
+    bl_label = "Download"
+    task = staticmethod(jobs.download_matting_weights)
+    quality: EnumProperty(name="Quality", items=[("best", "Best", "BiRefNet"), ("fast", "Fast", "BiRefNet_lite")])
+
+    def snapshot(self, context) -> dict:
+        from ..engine.background import MATTING_QUALITIES
+
+        return {**jobs.task_snapshot(context), "matting_repo": MATTING_QUALITIES[self.quality]}
+
+    def after(self) -> None:
+        preferences.MATTING_STATUS.forget()
+
+
 class SS4D_OT_install_runtime(_BackgroundTask):
     """Install PyTorch and the generator's packages into the add-on's own environment (not into
     Blender's Python); progress in the preferences, log in the add-on's user folder; Esc cancels"""
@@ -286,7 +331,8 @@ class SS4D_OT_install_runtime(_BackgroundTask):
         preferences.RUNTIME.forget()
 
 
-CLASSES = (SS4D_OT_generate, SS4D_OT_rebuild_mesh, SS4D_OT_cancel, SS4D_OT_download_weights, SS4D_OT_install_runtime)
+CLASSES = (SS4D_OT_generate, SS4D_OT_rebuild_mesh, SS4D_OT_preview_matte, SS4D_OT_cancel, SS4D_OT_download_weights,
+           SS4D_OT_download_matting_weights, SS4D_OT_install_runtime)
 
 
 def register():

@@ -44,12 +44,15 @@ def _draw_settings(layout, context):
     col.prop(s, "num_frames")
     box = layout.box()
     box.prop(s, "matting")
+    if s.matting in ("AUTO", "LEARNED"):
+        box.prop(s, "matting_quality", expand=True)
     if s.matting == "CHROMA":
         box.prop(s, "auto_key_color")
         if not s.auto_key_color:
             box.prop(s, "key_color")
         box.prop(s, "tolerance")
         box.prop(s, "softness")
+    box.operator("ss4d.preview_matte", icon="IMAGE_ALPHA")
     col = layout.column(align=True)
     col.prop(s, "seed")
     col.prop(s, "steps")

@@ -16,6 +16,7 @@ from bpy.props import EnumProperty, StringProperty
 
 from .. import runtime_env
 from ..engine import hub
+from ..engine.background import matting_weights_status
 
 ADDON_ID = __package__.rsplit(".", 1)[0]
 
@@ -106,6 +107,17 @@ RUNTIME = BackgroundValue(_find_runtime, lambda info: 30.0 if info.python is Non
 # whether each weights source is on disk, looked at again every 10 s while one is missing, else every minute
 WEIGHTS_STATUS = BackgroundValue(
     lambda *source: hub.weights_status(*source), lambda lines: 60.0 if all(ready for ready, _ in lines) else 10.0)
+
+
+# the learned matting models on disk, looked at again every 10 s while one is missing, else every minute
+MATTING_STATUS = BackgroundValue(
+    lambda *key: matting_weights_status(*key), lambda rows: 60.0 if all(ready for _, ready, _ in rows) else 10.0)
+
+
+def matting_status(prefs) -> Optional[list[tuple[str, bool, str]]]:
+    """[(quality, ready, line)] of the learned matting models (`background.matting_weights_status`), as last
+    looked at on a thread; None until known."""
+    return MATTING_STATUS.get((prefs.pipeline, prefs.cache_dir))
 
 
 def runtime_info(prefs) -> Optional[RuntimeInfo]:
@@ -206,6 +218,7 @@ class SS4D_AddonPreferences(bpy.types.AddonPreferences):
         row.operator("ss4d.download_weights", icon="IMPORT")
         if bpy.app.online_access is False:
             box.label(text="Online access is disabled in Blender's preferences: use a local folder.", icon="INFO")
+        draw_matting_weights(self, layout)
         box = layout.box()
         box.label(text="Runtime (PyTorch)")
         info = runtime_info(self)
@@ -220,6 +233,22 @@ class SS4D_AddonPreferences(bpy.types.AddonPreferences):
         box.operator("ss4d.install_runtime", icon="CONSOLE")
         if self.status:
             layout.label(text=self.status)
+
+
+def draw_matting_weights(prefs, layout) -> None:
+    """The learned matting models (Matting: Learned / Automatic): on disk or not, size, Download."""
+    box = layout.box()
+    box.label(text="Matting Weights (BiRefNet, MIT licence)")
+    rows = matting_status(prefs)
+    if rows is None:
+        box.label(text="Looking for the matting weights...", icon="TIME")
+    for quality, ready, line in rows or []:
+        row = box.row()
+        row.label(text=line, icon="CHECKMARK" if ready else "ERROR")
+        if not ready:
+            row.operator("ss4d.download_matting_weights", text="Download", icon="IMPORT").quality = quality
+    if bpy.app.online_access is False:
+        box.label(text="Online access is disabled in Blender's preferences: Download is unavailable.", icon="INFO")
 
 
 def property_defaults(cls) -> dict:

@@ -17,10 +17,17 @@ class SS4D_PG_settings(bpy.types.PropertyGroup):
                         description="Frames the model generates at once; more frames are generated in windows")
     overlap: IntProperty(name="Overlap", default=8, min=0, max=254,
                          description="Frames neighbouring windows share")
-    matting: EnumProperty(name="Matting", default="ALPHA", items=[
+    matting: EnumProperty(name="Matting", default="AUTO", items=[
+        ("AUTO", "Automatic", "The clip's transparency when it has some, otherwise Learned"),
         ("ALPHA", "Alpha in Source", "The clip has transparency (PNG sequence, ProRes 4444, WebM with alpha)"),
+        ("LEARNED", "Learned (BiRefNet)", "Remove the background of any ordinary video with a learned model "
+                                          "(BiRefNet, MIT licence)"),
         ("CHROMA", "Chroma Key", "Remove a green / blue screen background"),
     ])
+    matting_quality: EnumProperty(name="Quality", default="BEST", items=[
+        ("BEST", "Best", "BiRefNet (Swin-L, 885 MB download)"),
+        ("FAST", "Fast", "BiRefNet_lite (Swin-T, 180 MB download): faster, less memory"),
+    ], description="Which learned matting model")
     auto_key_color: BoolProperty(name="Measure Key Color", default=True,
                                  description="Take the key colour from the screen at the frame border")
     key_color: FloatVectorProperty(name="Key Color", subtype="COLOR", size=3, min=0, max=1, default=(0.0, 1.0, 0.0),

@@ -252,6 +252,34 @@ def remove_background(frames_rgb: np.ndarray, model_source: Optional[str] = None
                        warnings)
 
 
+# ------------------------------------------------------------------------------ what is on disk (no network)
+DOWNLOAD_MB = {BIREFNET_REPO: 885, BIREFNET_LITE_REPO: 180}  # size of each released model.safetensors (fp32)
+QUALITY_LABELS = {"best": "Best", "fast": "Fast"}
+
+
+def matting_weights_status(pipeline: Optional[str] = None, cache_dir: Optional[str] = None
+                           ) -> list[tuple[str, bool, str]]:
+    """(quality, ready, line) for each learned matting model, from the files on disk only (no network, no
+    huggingface_hub: Blender's own Python reads it for the preferences): the released models in the hub
+    cache, and first a local pipeline folder's own birefnet/ (quality "pipeline"), which Learned then uses."""
+    from .hub import cached_snapshot
+
+    rows = []
+    own = Path(pipeline).expanduser() / PIPELINE_MATTING_FOLDER / "model.safetensors" if pipeline else None
+    if own is not None and own.is_file():
+        rows.append(("pipeline", True, f"Pipeline folder's own model: {own.parent} (used by Learned)"))
+    for quality, repo in MATTING_QUALITIES.items():
+        snapshot = cached_snapshot(repo, None, cache_dir)
+        weights = snapshot / "model.safetensors" if snapshot is not None else None
+        label = f"{QUALITY_LABELS[quality]}: {repo}"
+        if weights is not None and weights.is_file():
+            size = weights.stat().st_size / 2 ** 20
+            rows.append((quality, True, f"{label} downloaded, {size:.0f} MB (commit {snapshot.name[:7]})"))
+        else:
+            rows.append((quality, False, f"{label} not downloaded (about {DOWNLOAD_MB[repo]} MB)"))
+    return rows
+
+
 # ------------------------------------------------------------------------------ the matting step of generation
 ENGINE_MATTING_MODES = ("auto", "alpha", "learned")  # chroma keying happens before the engine (Blender side)
 
