@@ -2,6 +2,7 @@
 Python module and the same operator the add-on's button runs.
 
     python -m ss4d_blender generate VIDEO -o out.blend [--export out.glb|out.gltf|out.fbx|out.abc] [options]
+    python -m ss4d_blender rig IN.blend -o OUT.blend [--bones auto|N] [--correctives]
 
 VIDEO: a movie file Blender can decode (mp4, mov, webm, ...) or a folder of images (PNG/WebP/TIFF; with
 alpha for --matting alpha). `generate --help` lists every flag with its default.
@@ -53,11 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--python", default=None,
                    help="a Python with PyTorch that runs the model (default: this one)")
     g.set_defaults(run=generate)
+
+    r = sub.add_parser("rig", help="shape-key animation in a .blend -> armature with skin weights",
+                       description="Fits an armature with skin weights to every generated object of IN.blend "
+                                   "(as the add-on's Convert to Armature button does) and writes OUT.blend.")
+    r.add_argument("input", type=Path, metavar="IN.blend", help="a .blend holding generated objects")
+    r.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.blend",
+                   help=".blend to write (an existing file is replaced only when the run succeeds)")
+    r.add_argument("--bones", type=bone_count, default=None, metavar="auto|N",
+                   help="bone count; auto = the fewest (up to 32) whose error is within 0.5 %% of the size "
+                        "(default: auto)")
+    r.add_argument("--correctives", action="store_true",
+                   help="keep what the bones cannot explain as corrective shape keys (default: off)")
+    r.set_defaults(run=rig)
     return parser
+
+
+def bone_count(text: str):
+    from .engine.rig.cli import bone_count as parse
+
+    return parse(text)
 
 
 def generate(args) -> int:
     from .blender.headless import generate as run  # Blender loads only when a command runs
+
+    return run(args)
+
+
+def rig(args) -> int:
+    from .blender.headless import rig as run
 
     return run(args)
 

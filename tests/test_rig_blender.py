@@ -255,3 +255,26 @@ def test_fit_in_the_runtime_process(addon, monkeypatch):
         armature.fit_in_runtime(capsule.vertices[:1], capsule.faces, capsule.vertices[0], None, False)
     assert subprocess.run([sys.executable, "-c", "import ss4d_blender.engine.rig.rig_file, sys; "
                            "sys.exit('torch' in sys.modules)"], cwd=REPO).returncode == 0
+
+
+def test_headless_rig_command(addon, tmp_path):
+    """`python -m ss4d_blender rig IN.blend -o OUT.blend --bones 2`: exit 0 and the rigged file; a bad input
+    is one line with exit 2 and leaves an existing output as it was, with no partial file beside it."""
+    generated_object()
+    source, target = tmp_path / "in.blend", tmp_path / "out" / "rigged.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(source))
+    command = [sys.executable, "-m", "ss4d_blender", "rig"]
+    done = subprocess.run(command + [str(source), "-o", str(target), "--bones", "2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "2 bones" in done.stdout and target.is_file()
+    before = target.read_bytes()
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "empty.blend"))  # nothing generated in it
+    for bad in ([str(tmp_path / "missing.blend")], [str(target), "--bones", "zero"], [str(tmp_path / "empty.blend")]):
+        failed = subprocess.run(command + bad + ["-o", str(target)], cwd=REPO, capture_output=True, text=True,
+                                timeout=600)
+        assert failed.returncode == 2 and failed.stderr.strip().count("\n") <= 1, failed.stderr
+        assert "Traceback" not in failed.stderr
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["rigged.blend"]

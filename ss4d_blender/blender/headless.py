@@ -297,3 +297,31 @@ def generate(args) -> int:
     poor_fit = poor_fit_message(json.loads(obj["ss4d_bad_frames"]))
     cli_common.print_warnings(list(warnings) + ([poor_fit] if poor_fit else []))
     return 0
+
+
+def rig(args) -> int:
+    """`rig IN.blend -o OUT.blend`: the armature fit of every generated object, written to a partial file
+    beside the target (so relative paths stay right) and moved over it only when everything succeeded."""
+    import bpy
+
+    from .. import register
+    from .armature import rig_blend_file
+
+    source = Path(args.input).expanduser().absolute()
+    if not source.is_file() or source.suffix.lower() != ".blend":
+        raise InputError(f"{args.input}: not a .blend file.")
+    output = cli_common.check_writable(args.output, (".blend",))
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.context.preferences.filepaths.save_version = 0  # no .blend1 backups from the batch tool
+    register()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.stem}.partial-{os.getpid()}.blend")
+    try:
+        lines = rig_blend_file(source, partial, bones=args.bones, correctives=args.correctives)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    for line in lines:
+        print(line)
+    print(f"wrote {output}")
+    return 0
