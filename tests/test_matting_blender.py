@@ -213,3 +213,22 @@ def test_learned_matting_preview_and_generate_on_the_tiny_pipeline(scene, shared
     settings = json.loads(obj["ss4d_settings"])
     assert settings["matting"] == "learned" and Path(settings["matting_source"]) == tiny / "birefnet"
     assert settings["matting_quality"] == "best"
+
+
+def test_panel_says_when_the_learned_matting_weights_are_missing(scene, tmp_path, monkeypatch):
+    from ss4d_blender.blender import panels
+
+    def drawn():
+        panels._draw_run(Layout(), bpy.context)
+        preferences.MATTING_STATUS.wait()
+        layout = Layout()
+        panels._draw_run(layout, bpy.context)
+        return [text for text, icon in layout.labels if icon == "ERROR"]
+    scene.ss4d.matting = "LEARNED"
+    missing = "Matting weights not on disk: Preferences > Add-ons > SS4D > Matting Weights"
+    assert missing not in drawn()  # the tiny pipeline has its own birefnet/
+    monkeypatch.setattr(preferences.HEADLESS, "pipeline", str(tmp_path))
+    monkeypatch.setattr(preferences.HEADLESS, "cache_dir", str(tmp_path / "empty_cache"))
+    assert missing in drawn()
+    scene.ss4d.matting = "CHROMA"
+    assert missing not in drawn()

@@ -84,6 +84,9 @@ def _draw_run(layout, context):
             layout.label(text="Weights not on disk: Preferences > Add-ons > SS4D > Download Weights", icon="ERROR")
             for line in missing:
                 layout.label(text=line)
+        if context.scene.ss4d.matting == "LEARNED" and not _matting_weights_ready(context):
+            layout.label(text="Matting weights not on disk: Preferences > Add-ons > SS4D > Matting Weights",
+                         icon="ERROR")
         layout.operator("ss4d.generate", icon="PLAY")
         obj = context.active_object
         if obj is not None and "ss4d_result_file" in obj.keys():
@@ -91,6 +94,15 @@ def _draw_run(layout, context):
             _draw_result_info(layout, obj)
     if s.last_message:
         layout.label(text=s.last_message, icon="INFO")
+
+
+def _matting_weights_ready(context) -> bool:
+    """Whether the learned matting the panel asks for is on disk (True while not known yet)."""
+    rows = preferences.matting_status(preferences.get(context))
+    if rows is None:
+        return True
+    wanted = {"pipeline", context.scene.ss4d.matting_quality.lower()}
+    return any(ready for quality, ready, _ in rows if quality in wanted)
 
 
 _result_info_cache: dict = {}
