@@ -23,8 +23,8 @@ import bpy
 import numpy as np
 
 from .. import runtime_env
-from ..engine.errors import InputError, SS4DError
 from ..engine.background import source_has_alpha
+from ..engine.errors import InputError, SS4DError
 from ..engine.matting import alpha_from_source, chroma_key
 from ..engine.worker import WorkerClient
 from . import frames as frame_source
@@ -211,10 +211,8 @@ class MatteJob(Job):
     (`matte_preview`). Learned matting runs in the worker (kind "matte"); alpha and chroma are done in
     Blender already, so that job needs no worker (`needs_worker` False)."""
 
-    def __init__(self, context, request: Optional[dict], job_dir: Path, scene_frames: list[int], strip,
-                 frames: Optional[np.ndarray] = None):
+    def __init__(self, context, request: Optional[dict], job_dir: Path, scene_frames: list[int], strip):
         super().__init__(context, "matte", request, job_dir, scene_frames, strip.name)
-        self.frames = frames
         self.needs_worker = request is not None
 
     def start(self, python: Optional[str], environment: Optional[dict] = None):
