@@ -197,5 +197,6 @@ def test_rig_file_and_command_line(tmp_path, capsys):
     assert rig_main([str(bad), str(tmp_path / "x.npz")]) == 2
     assert "at least 2 frames" in capsys.readouterr().err
     assert rig_main([str(tmp_path / "missing.npz"), str(tmp_path / "x.npz")]) == 2
-    with pytest.raises(SystemExit):
-        rig_main([str(anim), str(out), "--bones", "zero"])
+    assert rig_main([str(anim), str(out), "--bones", "zero"]) == 2
+    assert rig_main([str(anim), str(out), "--device", "gpu"]) == 2
+    assert "invalid device 'gpu'" in capsys.readouterr().err

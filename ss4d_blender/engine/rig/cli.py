@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, SS4DError
+from .. import cli_common
+from ..errors import InputError
 
-EXIT_USER_ERROR = 2
 
 
 def bone_count(text: str):
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "diagonal (default: auto)")
     parser.add_argument("--correctives", action="store_true",
                         help="also store per-frame corrective offsets that make the rig reproduce every frame exactly")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (default: cpu)")
+    cli_common.add_device_flags(parser, precision=False)
 
 
 def load_animation(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
@@ -63,6 +63,8 @@ def load_animation(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
 def run(args: argparse.Namespace) -> int:
     from . import RigSettings, fit_rig
 
+    cli_common.check_device(args.device)
+    cli_common.check_writable(args.output, (".npz",))
     vertices, faces, rest, reference = load_animation(args.animation)
     if vertices.ndim == 3 and not 0 <= reference < len(vertices):
         reference = 0
@@ -81,14 +83,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rig", description=__doc__.splitlines()[0])
+    """`python -m ss4d_blender.engine.rig.cli` (the add-on's runtime runs it so): the same parser and exit
+    codes as `engine rig`."""
+    parser = cli_common.Parser(prog="python -m ss4d_blender.engine.rig.cli", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except SS4DError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    parser.set_defaults(run=run)
+    return cli_common.run(parser, argv)
 
 
 if __name__ == "__main__":
