@@ -21,3 +21,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 2>&1 | tee "$LOG/pipeline.txt"
 "$PY" bench/pipeline.py --device cuda --precision fp16 --frames 32 --voxels 20000 --no-offload 2>&1 \
   | tee "$LOG/pipeline_no_offload.txt"
+"$PY" bench/rig.py --device cuda 2>&1 | tee "$LOG/rig.txt"
+"$PY" bench/long_clip.py pipeline --device cuda 2>&1 | tee "$LOG/long_clip.txt"
