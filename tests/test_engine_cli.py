@@ -334,3 +334,71 @@ def test_random_weights_flag_has_one_name_and_old_pipelines_still_read(tmp_path,
     config["args"]["tiny_random_weights"] = config["args"].pop("is_random_weights")  # a folder made earlier
     (tmp_path / "pipeline.json").write_text(json.dumps(config))
     assert PipelineSpec.from_folder(tmp_path).is_random_weights
+
+
+# ------------------------------------------------------------------------------------------ long clips
+def moving_disc(count: int, size: int = 40) -> np.ndarray:
+    """uint8 [count, size, size, 4]: an opaque disc moving across a transparent background."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    frames = np.zeros((count, size, size, 4), np.uint8)
+    for t in range(count):
+        inside = (xx - 12 - 16 * t / (count - 1)) ** 2 + (yy - size / 2) ** 2 < 80
+        frames[t, inside] = (200, 90, 60 + 10 * t, 255)
+    return frames
+
+
+def test_generate_keeps_finished_windows_on_cancel_and_continues_from_them(tmp_path, tiny, monkeypatch, capsys):
+    """8 frames in windows of 4 overlapping by 2 (3 windows, the tiny pipeline on the CPU): Ctrl-C in window 2
+    keeps window 1 beside OUTDIR and says so; the same command then resumes after it, writes the result and
+    removes the cache."""
+    from ss4d_blender.engine import commands
+    from ss4d_blender.engine.__main__ import main
+    from ss4d_blender.engine.windows import cache_folder_for
+
+    np.savez(tmp_path / "clip.npz", frames=moving_disc(8))
+    out = tmp_path / "out"
+    argv = ["generate", str(tmp_path / "clip.npz"), "-o", str(out), "--pipeline", str(tiny), "--device", "cpu",
+            "--steps", "1", "--mesh-decoder", "none", "--frames", "all", "--window", "4", "--overlap", "2"]
+    stages = []
+
+    def ctrl_c_in_window_two(bars, stage, fraction):
+        stages.append(stage)
+        if stage.startswith("Window 2 of 3 · Sampling latents"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands.StageBars, "__call__", ctrl_c_in_window_two)
+    assert main(argv) == 130
+    cache = cache_folder_for(out)
+    err = capsys.readouterr().err
+    assert f"cancelled after window 1 of 3: the finished windows are kept in {cache}" in err
+    assert "run the same command again to continue" in err and err.rstrip().endswith("cancelled")
+    assert sorted(p.name for p in cache.glob("*/window_*")) == ["window_000.safetensors"]
+    assert not out.exists()
+
+    stages.clear()
+    monkeypatch.setattr(commands.StageBars, "__call__", lambda bars, stage, fraction: stages.append(stage))
+    assert main(argv) == 0, capsys.readouterr().err
+    assert not any(s.startswith("Window 1 of 3") for s in stages) and "Window 2 of 3 · Encoding frames" in stages
+    assert not cache.exists()                                   # everything is in the result now
+    result = load_result(out / "result.safetensors")
+    assert result.settings["windows"] == [[0, 4], [2, 6], [4, 8]] and result.num_frames == 8
+    assert sorted(p.name for p in (out / "meshes").iterdir()) == [f"frame_{i:03d}.ply" for i in range(8)]
+
+
+def test_frame_file_names_sort_in_frame_order_past_frame_999():
+    from ss4d_blender.engine.commands import frame_name_width
+
+    assert [frame_name_width(n) for n in (1, 4, 1000, 1001, 1440, 10001)] == [3, 3, 3, 4, 4, 5]
+    width = frame_name_width(1440)
+    names = [f"frame_{i:0{width}d}.ply" for i in range(1440)]
+    assert sorted(names) == names
+
+
+def test_a_cancelled_worker_says_which_windows_it_keeps(tmp_path):
+    from ss4d_blender.engine.worker import _cancel_message
+
+    assert _cancel_message("Window 3 of 8 · Sampling latents", tmp_path) == (
+        "Cancelled after window 2 of 8; Generate 4D again with the same settings continues from there.")
+    for stage in ("Window 1 of 8 · Encoding frames", "Sampling latents", "Loading models"):
+        assert _cancel_message(stage, tmp_path) == "Cancelled."
+    assert _cancel_message("Window 3 of 8 · Decoding", None) == "Cancelled."

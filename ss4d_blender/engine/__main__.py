@@ -13,7 +13,10 @@ a green/blue screen goes through `python -m ss4d_blender generate VIDEO --mattin
 
 `generate` writes OUTDIR/result.safetensors (everything later steps need; `engine.result.load_result`),
 OUTDIR/gaussians/frame_XXX.ply (3D Gaussian Splatting files) and OUTDIR/meshes/frame_XXX.ply (per-frame
-meshes with vertex colours); an earlier result in OUTDIR is replaced as a whole once the new one is complete.
+meshes with vertex colours; XXX counts from 000, with 4 digits from 1000 frames on, so names sort in frame
+order); an earlier result in OUTDIR is replaced as a whole once the new one is complete. A clip longer than
+`--window` runs in overlapping windows; the finished ones wait in .OUTDIR.ss4d-windows beside OUTDIR until the
+result is written, so a cancelled run continues where it stopped when the same command runs again.
 `animate` turns a result into one mesh through all frames (.npz with faces [F,3], vertices [T,V,3],
 colors [V,3], fit_error [T], reference_frame).
 

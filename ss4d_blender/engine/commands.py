@@ -13,7 +13,7 @@ from typing import Optional
 
 from . import cli_common
 from .cli_common import given
-from .errors import InputError
+from .errors import Cancelled, InputError
 
 RESULT_ENTRIES = {"result.safetensors", "gaussians", "meshes"}  # what `generate` writes into OUTDIR
 
@@ -76,6 +76,12 @@ def settings_from_args(args: argparse.Namespace):
                                       **windows)
 
 
+def frame_name_width(num_frames: int) -> int:
+    """Digits of the per-frame file numbers: at least 3, and the same for every frame of a clip, so the
+    files sort by name in frame order (frame_000 .. frame_999, frame_0000 .. frame_1439)."""
+    return max(3, len(str(max(num_frames - 1, 0))))
+
+
 def write_result_folder(out: Path, result) -> None:
     """Writes the result, Gaussians and meshes into a new folder beside `out`, then swaps it in: an
     earlier result disappears as a whole, and a half-written set never appears under `out`."""
@@ -88,10 +94,11 @@ def write_result_folder(out: Path, result) -> None:
     try:
         result.save(staging / "result.safetensors")
         (staging / "gaussians").mkdir()
+        width = frame_name_width(len(result.gaussians))
         for i, g in enumerate(result.gaussians):
-            save_ply(staging / "gaussians" / f"frame_{i:03d}.ply", g)
+            save_ply(staging / "gaussians" / f"frame_{i:0{width}d}.ply", g)
         for i, m in enumerate(result.meshes):
-            save_mesh_ply(staging / "meshes" / f"frame_{i:03d}.ply", m)
+            save_mesh_ply(staging / "meshes" / f"frame_{i:0{width}d}.ply", m)
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the result folder is an ordinary one
@@ -112,11 +119,24 @@ def fetch_matting_weights(settings) -> None:
     resolve_matting_weights(source, cache_dir=settings.cache_dir)
 
 
+def print_kept_windows(stage: str, window_cache: Path) -> None:
+    """After a cancel: which windows are finished and kept, and how to continue from them."""
+    from .windows import windows_finished
+
+    finished = windows_finished(stage)
+    if finished is None or finished[0] == 0 or not window_cache.is_dir():
+        return
+    done, total = finished
+    print(f"cancelled after window {done} of {total}: the finished windows are kept in {window_cache}; run the "
+          f"same command again to continue from there", file=sys.stderr, flush=True)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import hub
     from .api import generate
     from .progress import Progress
     from .video import read_frames
+    from .windows import cache_folder_for
 
     if not args.input.expanduser().exists():
         raise InputError(f"Input not found: {args.input}")
@@ -132,8 +152,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} from {args.input}", file=sys.stderr)
     bars = StageBars(enabled=not args.quiet)
+    progress = Progress(bars)
+    window_cache = cache_folder_for(out)      # finished windows of a long clip: a re-run continues from them
     try:
-        result = generate(frames, settings, Progress(bars))
+        result = generate(frames, settings, progress, window_cache=window_cache)
+    except (KeyboardInterrupt, Cancelled):
+        bars.close()
+        print_kept_windows(progress.stage, window_cache)
+        raise
     finally:
         bars.close()
     write_result_folder(out, result)
@@ -150,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"mesh faces per frame {min(face_counts, default=0)}..{max(face_counts, default=0)}")
     print(f"wrote {out / 'result.safetensors'}, {out / 'gaussians'}/frame_*.ply, {out / 'meshes'}/frame_*.ply")
     cli_common.print_warnings(result.warnings)
+    shutil.rmtree(window_cache, ignore_errors=True)     # read from until here: the result's frames live there
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -88,6 +89,13 @@ def cache_folder_for(output: Union[str, Path]) -> Path:
     outside any staging folder that replaces the output as a whole, so a cancelled run's windows survive."""
     output = Path(output).absolute()
     return output.parent / f".{output.name}.ss4d-windows"
+
+
+def windows_finished(stage: str) -> Optional[tuple[int, int]]:
+    """(finished windows, windows in all) of a run whose last progress stage was `stage` ("Window 3 of 8 ·
+    Sampling latents" -> (2, 8)); None when the run was not windowed or had not reached its windows."""
+    match = re.match(r"Window (\d+) of (\d+) ·", stage or "")
+    return (int(match.group(1)) - 1, int(match.group(2))) if match else None
 
 
 @dataclass

@@ -7,7 +7,9 @@ The add-on never imports torch into Blender's Python. It writes a job folder and
 job.json: {"kind": "generate" | "animate" | "matte" | "download" | "download_matting", "frames": "frames.npz",
 "frame_numbers": [...] (how messages name the frames), "result": "result.safetensors",
 "animation": "animation.npz", "settings": {GenerateSettings fields}, "animate": {target_vertices,
-reference_frame, temporal_smoothing, device}, "cancel_file": "cancel"} (paths relative to the job folder or
+reference_frame, temporal_smoothing, device}, "cancel_file": "cancel", "window_cache": a folder that outlives
+the job folder, where a long clip's finished windows wait (removed after success, kept on cancel so the next
+run with the same settings continues from them)} (paths relative to the job folder or
 absolute). The worker prints one JSON object per line on stdout:
     {"stage": "Sampling latents", "fraction": 0.4}
     {"warning": "..."}                                                 one per entry of the result's warnings
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,16 +115,18 @@ def run_job(job_file: Path) -> int:
         _emit({"stage": stage, "fraction": round(fraction, 4)})
 
     progress = Progress(report)
+    window_cache = _path(job_dir, job.get("window_cache"))
     try:
         result_path = _path(job_dir, job.get("result", "result.safetensors"))
         if job["kind"] == "generate":
             with np.load(_path(job_dir, job.get("frames", "frames.npz"))) as data:
                 frames = data["frames"]
             settings = GenerateSettings.from_user(**job.get("settings", {}))
-            result = generate(frames, settings, progress, frame_numbers=job.get("frame_numbers"))
+            result = generate(frames, settings, progress, window_cache=window_cache,
+                              frame_numbers=job.get("frame_numbers"))
             result.save(result_path)
         elif job["kind"] == "animate":
-            result = load_result(result_path)
+            result = load_result(result_path, lazy=True)     # a long clip's frames are read one at a time
         elif job["kind"] == "download":
             return _download(job.get("settings", {}), report)
         elif job["kind"] == "download_matting":
@@ -139,6 +144,8 @@ def run_job(job_file: Path) -> int:
                  fit_error=animation.fit_error, reference_frame=np.int32(animation.reference_frame),
                  bad_frames=np.asarray(animation.info.get("bad_frames", []), np.int32))
         os.replace(tmp, animation_path)
+        if window_cache is not None:        # the result file holds everything now
+            shutil.rmtree(window_cache, ignore_errors=True)
         for warning in result.warnings:
             _emit({"warning": warning})
         _emit({"done": {"result": str(result_path), "animation": str(animation_path),
@@ -146,7 +153,7 @@ def run_job(job_file: Path) -> int:
                         "settings": result.settings}})
         return 0
     except Cancelled:
-        _emit({"error": "Cancelled.", "kind": "Cancelled"})
+        _emit({"error": _cancel_message(progress.stage, window_cache), "kind": "Cancelled"})
         return EXIT_CANCELLED
     except SS4DError as err:
         _emit({"error": str(err), "kind": type(err).__name__})
@@ -156,6 +163,17 @@ def run_job(job_file: Path) -> int:
         traceback.print_exc(file=sys.stderr)
         _emit({"error": f"Unexpected error in the generator: {type(err).__name__}: {err}", "kind": "InternalError"})
         return EXIT_ERROR
+
+
+def _cancel_message(stage: str, window_cache: Optional[Path]) -> str:
+    """'Cancelled.', or which windows of a long clip are kept and how to continue from them."""
+    from .windows import windows_finished
+
+    finished = windows_finished(stage)
+    if window_cache is None or finished is None or finished[0] == 0:
+        return "Cancelled."
+    return (f"Cancelled after window {finished[0]} of {finished[1]}; Generate 4D again with the same settings "
+            f"continues from there.")
 
 
 @dataclass
