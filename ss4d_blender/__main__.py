@@ -34,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".blend to write (an existing file is replaced only when the run succeeds)")
     g.add_argument("--export", type=Path, action="append", default=[], metavar="FILE",
                    help="also export to FILE: .glb, .gltf, .fbx or .abc; repeatable (default: none)")
-    cli_common.add_frame_flags(g, frames_default="32", step=False,  # the scene's frames are picked by --frames
-                               start_help="scene frame; the clip starts at frame 1 (default: the clip's first)")
+    cli_common.add_frame_flags(g, frames_default="32",
+                               start_help="scene frame; the clip starts at frame 1 (default: the clip's first)",
+                               step_help="with --frames all: use every STEP-th frame of the range; the timeline "
+                                         "blends linearly between them")
     cli_common.add_matting_flags(g, ("auto", "alpha", "learned", "chroma"), default="auto", model=False)
     g.add_argument("--key-color", type=cli_common.parse_color, default=None, metavar="COLOUR",
                    help="the screen's colour for --matting chroma, '#RRGGBB' or 'r,g,b' in 0..1 (default: "

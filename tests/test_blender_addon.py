@@ -577,7 +577,7 @@ def test_rebuild_mesh_reuses_the_result(scene, shared_dir, monkeypatch):
     references = []
     original = scene_build.replace_animation
     monkeypatch.setattr(scene_build, "replace_animation",
-                        lambda *a: references.append(a[5]) or original(*a))
+                        lambda *a, **k: references.append(a[5]) or original(*a, **k))
     assert bpy.ops.ss4d.rebuild_mesh(synchronous=True) == {"FINISHED"}
     assert references == [2]
     rebuilt = bpy.data.objects["SS4D_rose"]

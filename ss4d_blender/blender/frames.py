@@ -62,6 +62,18 @@ def pick_frames(start: int, end: int, count: int) -> list[int]:
     return [start + int(i * (total - 1) / (count - 1) + 0.5) for i in range(count)]
 
 
+def every_frame(start: int, end: int, step: int = 1) -> list[int]:
+    """Every `step`-th scene frame of [start, end] from `start` on, however long the range (a long range is
+    generated in overlapping windows)."""
+    if step < 1:
+        raise InputError(f"The frame step must be 1 (every frame) or more, got {step}.")
+    frames = list(range(start, end + 1, step))
+    if len(frames) < 2:
+        raise InputError(f"Frames {start}-{end} with a step of {step} give fewer than 2 frames; at least 2 are "
+                         f"needed to generate motion.")
+    return frames
+
+
 @contextlib.contextmanager
 def _isolated_render(scene, strip, folder):
     render, image_settings, view = scene.render, scene.render.image_settings, scene.view_settings

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -130,10 +131,16 @@ def _apply_frames(args, s, strip) -> None:
         s.use_strip_range = False
         s.frame_start = args.start if args.start is not None else first
         s.frame_end = args.end if args.end is not None else last
-    count = (s.frame_end - s.frame_start + 1 if not s.use_strip_range else last - first + 1)
-    count = count if args.frames == "all" else args.frames
-    if count is not None:
-        set_panel_value(s, "num_frames", count, f"--frames {args.frames}:")
+    if args.step is not None and args.frames != "all":
+        raise InputError(f"--step {args.step} needs --frames all (--frames N spreads N frames evenly over the "
+                         f"range).")
+    if args.frames == "all":       # every (step-th) frame, however long the clip: it runs in windows
+        s.frame_choice = "ALL"
+        if args.step is not None:
+            set_panel_value(s, "frame_step", args.step, "--step")
+    elif args.frames is not None:
+        s.frame_choice = "COUNT"
+        set_panel_value(s, "num_frames", args.frames, f"--frames {args.frames}:")
 
 
 class CtrlC:
@@ -168,7 +175,7 @@ def run_operator(scene, ctrl_c: CtrlC) -> None:
     """Generate 4D, synchronously. Raises InputError with the add-on's message when it fails."""
     import bpy
 
-    from . import frames
+    from . import frames, jobs
 
     frames.STOP.clear()
     ctrl_c.in_operator = True
@@ -179,6 +186,10 @@ def run_operator(scene, ctrl_c: CtrlC) -> None:
     finally:
         ctrl_c.in_operator = False
     if ctrl_c.pressed:
+        if scene.ss4d.last_message.startswith("Cancelled after window"):
+            print(f"{scene.ss4d.last_message.split(';')[0]}: the finished windows are kept in "
+                  f"{jobs.WINDOW_CACHE_FOLDER}; run the same command again to continue from there",
+                  file=sys.stderr, flush=True)
         raise KeyboardInterrupt
     if result != {"FINISHED"}:
         message = scene.ss4d.last_message or "Generation failed."
@@ -265,6 +276,8 @@ def generate(args) -> int:
     from .. import register
     from ..engine.result import read_metadata
     from ..engine.types import poor_fit_message
+    from ..engine.windows import cache_folder_for
+    from . import jobs
 
     ctrl_c = CtrlC()
     signal.signal(signal.SIGINT, ctrl_c)
@@ -276,6 +289,7 @@ def generate(args) -> int:
     strip = load_source(scene, args.video.expanduser().absolute(), files)
     apply_settings(args, scene, strip)
     staging = Staging(args.output)
+    jobs.WINDOW_CACHE_FOLDER = cache_folder_for(args.output)   # outside the staging folder: kept on cancel
     try:
         # saved first so the add-on keeps its result file beside the .blend, in the staging folder
         bpy.ops.wm.save_as_mainfile(filepath=str(staging.path(args.output)))
@@ -290,7 +304,7 @@ def generate(args) -> int:
     finally:
         staging.discard()
     print(f"wrote {args.output} ({obj.name}: {len(obj.data.vertices)} vertices, "
-          f"{len(obj.data.shape_keys.key_blocks) - 1} shape keys; result file "
+          f"{jobs.animation_summary(obj)}; result file "
           f"{args.output.parent / result_file.name})")
     for path in args.export:
         print(f"exported {path}")

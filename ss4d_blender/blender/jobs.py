@@ -26,6 +26,7 @@ from .. import runtime_env
 from ..engine.background import source_has_alpha
 from ..engine.errors import InputError, SS4DError
 from ..engine.matting import alpha_from_source, chroma_key
+from ..engine.windows import cache_folder_for
 from ..engine.worker import WorkerClient
 from . import frames as frame_source
 from . import preferences, scene_build
@@ -51,7 +52,8 @@ def engine_settings(context, matting: str = "alpha") -> dict:
     p, s = preferences.get(context), context.scene.ss4d
     return {**weights_settings(p), "seed": s.seed, "steps": s.steps, "cfg": s.guidance, "device": p.device,
             "precision": p.precision, "window": s.window, "overlap": s.overlap, "matting": matting,
-            "matting_quality": s.matting_quality.lower()}
+            "matting_quality": s.matting_quality.lower(),
+            "step": 1}   # Blender renders only the frames to generate (`_picked_frames` applies the panel's Step)
 
 
 def animate_settings(context, scene_frames: list[int]) -> dict:
@@ -85,6 +87,46 @@ def worker_environment(context) -> dict:
     return environment
 
 
+# where the headless command keeps its window caches (its .blend is written in a staging folder that a cancel
+# removes); None: beside the .blend
+WINDOW_CACHE_FOLDER: Optional[Path] = None
+
+
+def window_cache_folder(strip_name: str) -> Path:
+    """Where a long clip's finished windows wait until the run succeeds: beside the .blend (or in the add-on's
+    user folder while the .blend is unsaved), one folder per strip, outliving the job folder, so Generate 4D
+    with the same settings continues after a cancel."""
+    if WINDOW_CACHE_FOLDER is not None:
+        return WINDOW_CACHE_FOLDER
+    name = bpy.path.clean_name(strip_name or "SS4D")
+    if bpy.data.filepath:
+        blend = Path(bpy.data.filepath)
+        return cache_folder_for(blend.parent / f"{blend.stem}_{name}_ss4d")
+    return cache_folder_for(preferences.user_directory() / "windows" / name)
+
+
+def mesh_cache_path(obj_name: str) -> str:
+    """A new .pc2 file for the Mesh Cache timeline: ss4d_cache/<object>.pc2 beside the .blend (a relative
+    path, so the project can move), or in the add-on's user folder while the .blend is unsaved. An existing
+    file (another object's, or the one a rebuilt object still uses) is never overwritten."""
+    blend = Path(bpy.data.filepath) if bpy.data.filepath else None
+    folder = blend.parent / "ss4d_cache" if blend else preferences.user_directory() / "ss4d_cache"
+    name = bpy.path.clean_name(obj_name)
+    path, n = folder / f"{name}.pc2", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{name}_{n}.pc2"
+    return f"//ss4d_cache/{path.name}" if blend else str(path)
+
+
+def animation_summary(obj) -> str:
+    """'240 shape keys' or 'a Mesh Cache (//ss4d_cache/SS4D_clip.pc2)': how the object's animation is stored."""
+    if obj.data.shape_keys is not None:
+        return f"{len(obj.data.shape_keys.key_blocks) - 1} shape keys"
+    caches = [m.filepath for m in obj.modifiers if m.type == "MESH_CACHE"]
+    return f"a Mesh Cache ({caches[0]})" if caches else "no animation"
+
+
 def result_destination(obj_name: str) -> Path:
     """Where the engine result file of an object is kept: next to the .blend when it is saved."""
     name = bpy.path.clean_name(obj_name)
@@ -110,6 +152,7 @@ class Job:
         self.scene_frames, self.strip_name, self.target_object = scene_frames, strip_name, target_object
         self.height = context.scene.ss4d.height
         self.collection = context.scene.ss4d.collection
+        self.timeline = context.scene.ss4d.timeline.lower()   # "shape_keys" or "mesh_cache" (scene_build.MODES)
 
     def start(self, python: str, environment: Optional[dict] = None) -> WorkerClient:
         return WorkerClient(python, self.job_dir, self.request, env=environment)
@@ -122,16 +165,19 @@ class Job:
         # how well the mesh follows each frame, on the timeline's frame numbers (a rebuild replaces them)
         quality = {"ss4d_fit_error": [float(x) for x in data["fit_error"]],
                    "ss4d_bad_frames": [int(self.scene_frames[i]) for i in data["bad_frames"]]}
+        name = self.target_object.name if self.kind == "animate" else (
+            f"SS4D_{self.strip_name}" if self.strip_name else "SS4D")
+        timeline = {"mode": self.timeline, "cache_path": mesh_cache_path(name) if self.timeline == "mesh_cache" else ""}
         if self.kind == "animate":
             return scene_build.replace_animation(self.target_object, data["faces"], data["vertices"], colors,
-                                                 self.scene_frames, reference, self.height, quality)
-        name = f"SS4D_{self.strip_name}" if self.strip_name else "SS4D"
+                                                 self.scene_frames, reference, self.height, quality, **timeline)
         settings = done.get("settings", {})
         props = {"ss4d_settings": settings, "ss4d_seed": int(settings.get("seed", 0)),
                  "ss4d_scene_frames": self.scene_frames, "ss4d_strip": self.strip_name,
                  "ss4d_random_weights": bool(done.get("is_random_weights", False)), **quality}
         obj = scene_build.build_animated_object(context, name, data["faces"], data["vertices"], colors,
-                                                self.scene_frames, reference, self.height, self.collection, props)
+                                                self.scene_frames, reference, self.height, self.collection, props,
+                                                **timeline)
         _select_only(context, obj)
         _keep_result_file(obj, Path(done["result"]))
         return obj
@@ -174,11 +220,14 @@ def _matted_frames(scene, strip, scene_frames: list[int]) -> tuple[np.ndarray, s
 
 
 def _picked_frames(scene, strip) -> list[int]:
-    """The scene frames the panel's range and frame count pick from `strip`."""
+    """The scene frames the panel's range and frame choice (All Frames with its Step, or a count spread
+    evenly) pick from `strip`."""
     settings = scene.ss4d
     start, end = frame_source.strip_range(strip)
     if not settings.use_strip_range:
         start, end = max(start, settings.frame_start), min(end, settings.frame_end)
+    if settings.frame_choice == "ALL":
+        return frame_source.every_frame(start, end, settings.frame_step)
     return frame_source.pick_frames(start, end, settings.num_frames)
 
 
@@ -202,7 +251,8 @@ def generate_job(context) -> Job:
     rgba, matting = _matted_frames(scene, strip, scene_frames)
     job_dir = _job_folder({"frames": rgba})
     request = {"kind": "generate", "frames": "frames.npz", "settings": engine_settings(context, matting),
-               "animate": animate_settings(context, scene_frames), "frame_numbers": scene_frames}
+               "animate": animate_settings(context, scene_frames), "frame_numbers": scene_frames,
+               "window_cache": str(window_cache_folder(strip.name))}
     return Job(context, "generate", request, job_dir, scene_frames, strip.name)
 
 

@@ -123,7 +123,7 @@ class _JobOperator:
         poor_fit = poor_fit_message(json.loads(obj["ss4d_bad_frames"]))
         for warning in warnings + ([poor_fit] if poor_fit else []):
             self.report({"WARNING"}, warning)
-        message = f"Created '{obj.name}' with {len(obj.data.shape_keys.key_blocks) - 1} shape keys."
+        message = f"Created '{obj.name}' with {jobs.animation_summary(obj)}."
         self.report({"INFO"}, message)
         if poor_fit:
             message += " " + poor_fit

@@ -41,7 +41,11 @@ def _draw_settings(layout, context):
         row = col.row(align=True)
         row.prop(s, "frame_start")
         row.prop(s, "frame_end")
-    col.prop(s, "num_frames")
+    col.row(align=True).prop(s, "frame_choice", expand=True)
+    col.prop(s, "num_frames" if s.frame_choice == "COUNT" else "frame_step")
+    row = col.row(align=True)
+    row.prop(s, "window")
+    row.prop(s, "overlap")
     box = layout.box()
     box.prop(s, "matting")
     if s.matting in ("AUTO", "LEARNED"):
@@ -66,6 +70,7 @@ def _draw_settings(layout, context):
     col = layout.column(align=True)
     col.prop(s, "height")
     col.prop(s, "collection")
+    layout.prop(s, "timeline", expand=True)
 
 
 def _draw_run(layout, context):

@@ -11,12 +11,28 @@ class SS4D_PG_settings(bpy.types.PropertyGroup):
                                   description="Generate from the whole range the strip shows")
     frame_start: IntProperty(name="Start", default=1, description="First scene frame to use")
     frame_end: IntProperty(name="End", default=32, description="Last scene frame to use")
+    frame_choice: EnumProperty(name="Frames", default="COUNT", items=[
+        ("COUNT", "Spread", "A number of frames spread evenly over the range (fast; the timeline blends "
+                            "linearly between them)"),
+        ("ALL", "All Frames", "Every frame of the range (or every Step-th), generated in overlapping windows: "
+                              "a shape key on every generated frame"),
+    ], description="Which frames of the range are generated")
     num_frames: IntProperty(name="Frames", default=32, min=2, max=256,
                             description="Frames to generate, spread evenly over the range")
+    frame_step: IntProperty(name="Step", default=1, min=1, max=100,
+                            description="All Frames: use every Step-th frame (2 halves time and memory; the "
+                                        "timeline blends linearly between generated frames)")
     window: IntProperty(name="Window", default=32, min=2, max=256,
-                        description="Frames the model generates at once; more frames are generated in windows")
+                        description="Frames the model generates at once (even; 32, the length it was trained on); "
+                                    "more frames are generated in overlapping windows")
     overlap: IntProperty(name="Overlap", default=8, min=0, max=254,
-                         description="Frames neighbouring windows share")
+                         description="Frames each window shares with the one before (even, below Window): more "
+                                     "gives smoother joins but more windows")
+    timeline: EnumProperty(name="Timeline", default="SHAPE_KEYS", items=[
+        ("SHAPE_KEYS", "Shape Keys", "One shape key per generated frame, stored in the .blend"),
+        ("MESH_CACHE", "Mesh Cache", "A Mesh Cache modifier reading a .pc2 file in ss4d_cache/ beside the .blend "
+                                     "(for minute-long clips: the .blend stays small; keep the file with it)"),
+    ], description="How the animation is stored")
     matting: EnumProperty(name="Matting", default="AUTO", items=[
         ("AUTO", "Automatic", "The clip's transparency when it has some, otherwise Learned"),
         ("ALPHA", "Alpha in Source", "The clip has transparency (PNG sequence, ProRes 4444, WebM with alpha)"),

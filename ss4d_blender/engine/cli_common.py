@@ -162,9 +162,9 @@ def add_device_flags(parser: argparse.ArgumentParser, precision: bool = True) ->
 
 
 def add_frame_flags(parser: argparse.ArgumentParser, frames_default: str, start_help: str,
-                    step: bool = True) -> None:
-    """Which frames of the clip: `--frames N|all`, `--start`, `--end`; and the windows of a long clip
-    (`GenerateSettings.window`, `overlap`, and `step` unless the front end picks the frames itself)."""
+                    step_help: str = "use every STEP-th frame of the range") -> None:
+    """Which frames of the clip: `--frames N|all`, `--start`, `--end`, `--step`; and the windows of a long
+    clip (`GenerateSettings.window`, `overlap`, `step`)."""
     parser.add_argument("--frames", type=frame_count, default=None, metavar="N|all",
                         help=f"N frames spread evenly over the range, or all of them (default: {frames_default})")
     parser.add_argument("--start", type=positive_int, default=None, help=f"first frame to use ({start_help})")
@@ -174,9 +174,7 @@ def add_frame_flags(parser: argparse.ArgumentParser, frames_default: str, start_
                              "(default: 32)")
     parser.add_argument("--overlap", type=non_negative_int, default=None,
                         help="frames shared by neighbouring windows (default: 8)")
-    if step:
-        parser.add_argument("--step", type=positive_int, default=None,
-                            help="use every STEP-th frame of the range (default: 1)")
+    parser.add_argument("--step", type=positive_int, default=None, help=f"{step_help} (default: 1)")
 
 
 def add_animate_flags(parser: argparse.ArgumentParser, reference_help: str) -> None:
