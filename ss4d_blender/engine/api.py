@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import hub
+from .background import DEFAULT_QUALITY
 from .errors import InputError, SS4DError
 from .memory import default_precision, out_of_memory_as_error, pick_device, should_offload
 from .mesh.cleanup import MIN_COMPONENT_FRACTION
@@ -53,7 +54,7 @@ class GenerateSettings:
     overlap: int = 8                       # frames a window shares with the one before (even, below window)
     step: int = 1                          # use every step-th input frame (2 = every other frame)
     matting: str = "alpha"                 # alpha (the frames' own) | learned (BiRefNet) | auto (alpha if present)
-    matting_quality: Optional[str] = None  # learned matting: best (BiRefNet) | fast (BiRefNet_lite); None = best
+    matting_quality: str = DEFAULT_QUALITY  # learned matting: best (BiRefNet) | fast (BiRefNet_lite)
     matting_model: Optional[str] = None    # learned matting weights: repo/folder/file; None = the pipeline's, else
                                            # the released model for matting_quality
 
