@@ -86,6 +86,14 @@ def test_engine_matting_flags_and_video_message():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "clip.mp4", "-o", "out", "--matting", "chroma"])
     assert "--matting learned" in VIDEO_NO_ALPHA_MESSAGE
+    from ss4d_blender.__main__ import build_parser as headless_parser
+
+    args = headless_parser().parse_args(["generate", "clip.mp4", "-o", "o.blend"])
+    assert (args.matting, args.matting_quality) == ("auto", None)  # the panel's default: Automatic, Best
+    for mode in ("auto", "alpha", "learned", "chroma"):
+        args = headless_parser().parse_args(["generate", "clip.mp4", "-o", "o.blend", "--matting", mode,
+                                             "--matting-quality", "fast"])
+        assert (args.matting, args.matting_quality) == (mode, "fast")
 
 
 def test_headless_auto_on_an_ordinary_video_offline(tiny, shared_dir, tmp_path):
