@@ -12,3 +12,27 @@ def shared_dir() -> Path:
     """../shared (golden fixtures, samples). Missing is a failure, not a skip."""
     assert SHARED.is_dir(), f"shared fixtures folder not found at {SHARED}"
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny random-weight pipeline folder (its outputs are noise), one per test module."""
+    from ss4d_blender.engine.tiny import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def addon(tiny):
+    """The add-on registered in a fresh factory scene (the `bpy` module), generating with `tiny` on the CPU."""
+    bpy = pytest.importorskip("bpy")
+    import ss4d_blender
+    from ss4d_blender.blender import preferences
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    ss4d_blender.register()
+    saved = vars(preferences.HEADLESS).copy()
+    preferences.HEADLESS.pipeline, preferences.HEADLESS.device = str(tiny), "cpu"
+    yield
+    vars(preferences.HEADLESS).update(saved)
+    ss4d_blender.unregister()

@@ -16,7 +16,6 @@ bpy = pytest.importorskip("bpy")
 
 import ss4d_blender  # noqa: E402
 from ss4d_blender.blender import operators, preferences, scene_build  # noqa: E402
-from ss4d_blender.engine.tiny import make_tiny_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.blender
 REPO = Path(__file__).resolve().parents[1]
@@ -31,22 +30,6 @@ def data_snapshot():
                       scene.render.image_settings.color_mode, scene.render.use_sequencer,
                       tuple(s.mute for s in scene.sequence_editor.strips_all) if scene.sequence_editor else ())
     return state
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def addon(tiny_pipeline):
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    ss4d_blender.register()
-    saved = vars(preferences.HEADLESS).copy()
-    preferences.HEADLESS.pipeline, preferences.HEADLESS.device = str(tiny_pipeline), "cpu"
-    yield
-    vars(preferences.HEADLESS).update(saved)
-    ss4d_blender.unregister()
 
 
 @pytest.fixture
@@ -263,7 +246,7 @@ def drawn_after_probes(draw, *args) -> RecordingLayout:
     return layout
 
 
-def test_panel_says_when_weights_are_missing(scene, tmp_path, tiny_pipeline):
+def test_panel_says_when_weights_are_missing(scene, tmp_path, tiny):
     from ss4d_blender.blender import panels
 
     saved = preferences.HEADLESS.pipeline
@@ -273,7 +256,7 @@ def test_panel_says_when_weights_are_missing(scene, tmp_path, tiny_pipeline):
         assert ("Weights not on disk: Preferences > Add-ons > SS4D > Download Weights", "ERROR") in layout.labels
         assert ("SS4D: local folder has no pipeline.json", "NONE") in layout.labels
         assert "ss4d.generate" in layout.operators
-        preferences.HEADLESS.pipeline = str(tiny_pipeline)
+        preferences.HEADLESS.pipeline = str(tiny)
         layout = drawn_after_probes(panels._draw_run, bpy.context)
         assert not any("Weights not on disk" in text for text, _ in layout.labels)
         # the preferences list every source with its state
@@ -299,7 +282,7 @@ def draw_panel(context) -> RecordingLayout:
     return fake.layout
 
 
-def test_panel_draws_in_every_state(scene, shared_dir, tiny_pipeline):
+def test_panel_draws_in_every_state(scene, shared_dir, tiny):
     """The sidebar panel: no strip -> the reason; a strip -> its name, range and every setting; chroma
     settings only with chroma matting; after a run, Rebuild and the result's facts (random weights said)."""
     layout = draw_panel(bpy.context)
@@ -654,11 +637,11 @@ def in_fresh_blender(snippet: str, path: Path) -> str:
     return lines[-1]
 
 
-def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared_dir):
+def test_headless_command_blend_gltf_and_preview(tmp_path, tiny, shared_dir):
     out = tmp_path / "rose.blend"
     glb, fbx, abc = tmp_path / "rose.glb", tmp_path / "rose.fbx", tmp_path / "rose.abc"
     cmd = [sys.executable, "-m", "ss4d_blender", "generate", str(shared_dir / "samples" / "rose"), "-o", str(out),
-           "--export", str(glb), "--export", str(fbx), "--export", str(abc), "--pipeline", str(tiny_pipeline),
+           "--export", str(glb), "--export", str(fbx), "--export", str(abc), "--pipeline", str(tiny),
            "--frames", "4", "--vertices", "1000", "--device", "cpu", "--height", "0.5"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -686,11 +669,11 @@ def test_headless_command_blend_gltf_and_preview(tmp_path, tiny_pipeline, shared
     assert len(list(previews.glob("*.png"))) == 3
 
 
-def test_headless_command_unreadable_video_is_a_clear_error(tmp_path, tiny_pipeline):
+def test_headless_command_unreadable_video_is_a_clear_error(tmp_path, tiny):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"this is not a video")
     proc = subprocess.run([sys.executable, "-m", "ss4d_blender", "generate", str(bad), "-o", str(tmp_path / "x.blend"),
-                           "--pipeline", str(tiny_pipeline)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--pipeline", str(tiny)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "cannot decode" in (proc.stderr + proc.stdout)
     assert not (tmp_path / "x.blend").exists()

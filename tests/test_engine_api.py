@@ -18,17 +18,11 @@ from ss4d_blender.engine.gaussians import load_ply, save_ply
 from ss4d_blender.engine.preprocess import stack_frames
 from ss4d_blender.engine.progress import Progress
 from ss4d_blender.engine.result import load_result
-from ss4d_blender.engine.tiny import make_tiny_pipeline
 from ss4d_blender.engine.video import natural_key, read_frames
 
 from media import write_video
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from ss4d_blender.engine.errors import Cancelled, InputError
 from ss4d_blender.engine.progress import Progress
 from ss4d_blender.engine.result import GenerationResult, load_result
 from ss4d_blender.engine.sampler import FlowEulerSampler, KnownFrames, flow_times
-from ss4d_blender.engine.tiny import make_tiny_pipeline
 from ss4d_blender.engine.types import Mesh
 from ss4d_blender.engine.windows import (WindowCache, WindowRecord, cache_folder_for, frames_digest, known_frames,
                                          plan_windows, settings_key, window_seed)
@@ -86,11 +85,6 @@ def test_known_frames_follow_the_forward_process_and_end_exact():
 
 
 # ------------------------------------------------------------------------------------------ tiny pipeline
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
-
-
 @pytest.fixture(scope="module")
 def clip():
     """A disc moving across 72 small frames at constant speed."""

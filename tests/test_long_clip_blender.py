@@ -12,24 +12,10 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-import ss4d_blender  # noqa: E402
 from ss4d_blender.blender import jobs, operators, preferences, scene_build  # noqa: E402
 from ss4d_blender.engine.errors import InputError  # noqa: E402
-from ss4d_blender.engine.tiny import make_tiny_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.blender
-
-
-@pytest.fixture(scope="module")
-def addon(tmp_path_factory):
-    pipeline = make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    ss4d_blender.register()
-    saved = vars(preferences.HEADLESS).copy()
-    preferences.HEADLESS.pipeline, preferences.HEADLESS.device = str(pipeline), "cpu"
-    yield
-    vars(preferences.HEADLESS).update(saved)
-    ss4d_blender.unregister()
 
 
 def image_strip(scene, files: list, name: str):

@@ -10,29 +10,11 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-import ss4d_blender  # noqa: E402
 from ss4d_blender.blender import matte_preview, operators, preferences  # noqa: E402
-from ss4d_blender.engine.tiny import make_tiny_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.blender
 SOURCE_FIELDS = ("name", "channel", "frame_start", "frame_final_start", "frame_final_end", "filepath", "mute",
                  "blend_type", "type")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def addon(tiny):
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    ss4d_blender.register()
-    saved = vars(preferences.HEADLESS).copy()
-    preferences.HEADLESS.pipeline, preferences.HEADLESS.device = str(tiny), "cpu"
-    yield
-    vars(preferences.HEADLESS).update(saved)
-    ss4d_blender.unregister()
 
 
 @pytest.fixture

@@ -11,15 +11,9 @@ import pytest
 from ss4d_blender.engine.api import STAGES, GenerateSettings, generate
 from ss4d_blender.engine.errors import Cancelled, InputError
 from ss4d_blender.engine.progress import Progress
-from ss4d_blender.engine.tiny import make_tiny_pipeline
 from ss4d_blender.engine.video import read_frames
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_pipeline(tmp_path_factory.mktemp("matting") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,10 @@
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from ss4d_blender.engine.result import load_result
-from ss4d_blender.engine.tiny import make_tiny_pipeline
 from ss4d_blender.engine.worker import WorkerClient
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "p")
 
 
 def frames_npz(folder, shared_dir, n=4):
