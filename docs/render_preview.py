@@ -58,7 +58,7 @@ def main(argv=None):
         scene.render.filepath = str(a.outdir / f"frame_{f:04d}.png")
         bpy.ops.render.render(write_still=True)
         print(f"wrote {scene.render.filepath}")
-    if obj.get("ss4d_random_weights"):
+    if obj.get("ss4d_is_random_weights"):
         print("note: this result was made with the tiny random-weight pipeline (noise)")
 
 

@@ -114,7 +114,7 @@ def test_movie_strip_with_chroma_key_end_to_end(scene, shared_dir, monkeypatch):
     assert len(key.key_blocks) == 1 + 4 and not key.use_relative
     assert key.animation_data is not None and key.animation_data.action is not None
     assert obj.data.materials[0] is not None and obj.data.color_attributes.get("Color") is not None
-    assert obj["ss4d_random_weights"] and json.loads(obj["ss4d_scene_frames"]) == frames
+    assert obj["ss4d_is_random_weights"] and json.loads(obj["ss4d_scene_frames"]) == frames
     assert Path(obj["ss4d_result_file"]).is_file()
     # the evaluated mesh at a generated frame equals the engine's vertices there (scaled/placed), and halfway
     # between two generated frames it is their linear blend

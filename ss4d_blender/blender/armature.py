@@ -33,9 +33,8 @@ import numpy as np
 from bpy.props import BoolProperty, IntProperty
 from mathutils import Matrix
 
-from .. import runtime_env
 from ..engine.errors import InputError, SS4DError
-from . import preferences, scene_build
+from . import jobs, scene_build
 
 MODIFIER_NAME = "SS4D Armature"
 SHAPE_KEY_TRACK = "SS4D shape keys"
@@ -105,11 +104,7 @@ def fit_in_runtime(vertices, faces, rest, bones, correctives, context=None):
     """Runs `python -m ss4d_blender.engine.rig.cli` with the add-on's runtime Python and reads its RIG.npz."""
     from ..engine.rig.rig_file import Rig
 
-    prefs = preferences.get(context)
-    python = runtime_env.find_runtime_python(prefs.python, preferences.runtime_directory())
-    if python is None:
-        raise SS4DError("The PyTorch runtime is not installed. Open Preferences > Add-ons > SS4D and click "
-                        "'Install Runtime' (or set 'Runtime Python' to a Python with PyTorch).")
+    python = jobs.runtime_python(context)
     folder = Path(tempfile.mkdtemp(prefix="ss4d_rig_"))
     try:
         np.savez(folder / "anim.npz", vertices=vertices, faces=faces, rest_vertices=rest)

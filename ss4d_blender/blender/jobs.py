@@ -174,7 +174,7 @@ class Job:
         settings = done.get("settings", {})
         props = {"ss4d_settings": settings, "ss4d_seed": int(settings.get("seed", 0)),
                  "ss4d_scene_frames": self.scene_frames, "ss4d_strip": self.strip_name,
-                 "ss4d_random_weights": bool(done.get("is_random_weights", False)), **quality}
+                 "ss4d_is_random_weights": bool(done.get("is_random_weights", False)), **quality}
         obj = scene_build.build_animated_object(context, name, data["faces"], data["vertices"], colors,
                                                 self.scene_frames, reference, self.height, self.collection, props,
                                                 **timeline)
