@@ -36,3 +36,14 @@ def addon(tiny):
     yield
     vars(preferences.HEADLESS).update(saved)
     ss4d_blender.unregister()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one torch thread is fastest and immune to a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

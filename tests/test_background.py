@@ -21,12 +21,7 @@ from ss4d_blender.engine.matte_temporal import (border_warning, check_object_in_
 from ss4d_blender.engine.progress import Progress
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,34 +39,28 @@ class Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------------------ value types
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, minimum: float, rule: str):
+    """`text` as an int or float that is at least `minimum`; argparse's one-line error otherwise."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected {'a whole number' if kind is int else 'a number'}, got '{text}'") from None
+    if not value >= minimum:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _number(text, int, 0, "0 or more")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _number(text, float, 0.0, "0 or more")
 
 
 def frame_count(text: str):
