@@ -16,6 +16,7 @@ bpy = pytest.importorskip("bpy")
 
 import ss4d_blender  # noqa: E402
 from ss4d_blender.blender import operators, preferences, scene_build  # noqa: E402
+from blender_helpers import RecordingLayout, add_images  # noqa: E402
 
 pytestmark = pytest.mark.blender
 REPO = Path(__file__).resolve().parents[1]
@@ -47,17 +48,6 @@ def add_movie(scene, path):
     editor.active_strip = strip
     element = strip.elements[0]
     scene.render.resolution_x, scene.render.resolution_y = element.orig_width, element.orig_height
-    return strip
-
-
-def add_images(scene, folder, name="seq"):
-    files = sorted(Path(folder).glob("*.png"))
-    editor = scene.sequence_editor_create()
-    strip = editor.strips.new_image(name, str(files[0]), channel=1, frame_start=1)
-    for f in files[1:]:
-        strip.elements.append(f.name)
-    editor.active_strip = strip
-    scene.render.resolution_x, scene.render.resolution_y = strip.elements[0].orig_width, strip.elements[0].orig_height
     return strip
 
 
@@ -208,31 +198,6 @@ def test_movie_strips_with_alpha_keep_it(scene, shared_dir, tmp_path, name, code
     out = frames.extract_frames(scene, strip, [1, 3, 6])
     alpha_error = np.abs(out[..., 3].astype(int) - source[[0, 2, 5], ..., 3]).mean()
     assert alpha_error < (1.0 if codec == "libvpx-vp9" else 0.01), alpha_error
-
-
-class RecordingLayout:
-    """Stands in for a UI layout: records the labels and operators a panel draws."""
-
-    def __init__(self):
-        self.labels, self.operators, self.props = [], [], []
-
-    def label(self, text="", icon="NONE"):
-        self.labels.append((text, icon))
-
-    def operator(self, idname, **_):
-        self.operators.append(idname)
-        return SimpleNamespace()  # the operator's properties, which a draw may set
-
-    def progress(self, **_):
-        pass
-
-    def prop(self, data, name, **_):
-        self.props.append(name)
-
-    def box(self, **_):
-        return self
-
-    column = row = box
 
 
 def drawn_after_probes(draw, *args) -> RecordingLayout:
@@ -575,7 +540,6 @@ def test_rebuild_mesh_reuses_the_result(scene, shared_dir, monkeypatch):
     assert len(rebuilt.data.shape_keys.key_blocks) == 5
     # it takes the old object's place in the selection too
     assert bpy.context.view_layer.objects.active == rebuilt and rebuilt.select_get()
-
 
 
 def test_frames_that_fit_poorly_are_named_on_the_timeline(scene, shared_dir):

@@ -14,18 +14,9 @@ bpy = pytest.importorskip("bpy")
 
 from ss4d_blender.blender import jobs, operators, preferences, scene_build  # noqa: E402
 from ss4d_blender.engine.errors import InputError  # noqa: E402
+from blender_helpers import add_images  # noqa: E402
 
 pytestmark = pytest.mark.blender
-
-
-def image_strip(scene, files: list, name: str):
-    editor = scene.sequence_editor_create()
-    strip = editor.strips.new_image(name, str(files[0]), channel=1, frame_start=1)
-    for f in files[1:]:
-        strip.elements.append(f.name)
-    editor.active_strip = strip
-    scene.render.resolution_x, scene.render.resolution_y = strip.elements[0].orig_width, strip.elements[0].orig_height
-    return strip
 
 
 def test_headless_frames_all_takes_every_frame_of_a_strip_longer_than_256(addon, tmp_path, monkeypatch):
@@ -41,7 +32,7 @@ def test_headless_frames_all_takes_every_frame_of_a_strip_longer_than_256(addon,
         Image.new("RGBA", (8, 8), (i % 256, 0, 0, 255)).save(files[-1])
     bpy.ops.wm.read_factory_settings(use_empty=True)
     scene = bpy.context.scene
-    strip = image_strip(scene, files, "long")
+    strip = add_images(scene, files, "long")
 
     def picked(*flags):
         args = build_parser().parse_args(["generate", str(tmp_path), "-o", str(tmp_path / "o.blend"), *flags])
@@ -93,7 +84,7 @@ def test_all_frames_in_windows_cancel_resume_and_mesh_cache(addon, shared_dir, t
     s.use_strip_range, s.frame_start, s.frame_end = False, 1, 12
     s.frame_choice, s.frame_step, s.window, s.overlap = "ALL", 2, 4, 2
     s.timeline = "MESH_CACHE"
-    image_strip(scene, sorted((shared_dir / "samples" / "rose").glob("*.png")), "rose")
+    add_images(scene, sorted((shared_dir / "samples" / "rose").glob("*.png")), "rose")
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "long.blend"))
     cache = jobs.window_cache_folder("rose")
     assert cache.parent == tmp_path

@@ -11,6 +11,7 @@ import pytest
 bpy = pytest.importorskip("bpy")
 
 from ss4d_blender.blender import matte_preview, operators, preferences  # noqa: E402
+from blender_helpers import RecordingLayout  # noqa: E402
 
 pytestmark = pytest.mark.blender
 SOURCE_FIELDS = ("name", "channel", "frame_start", "frame_final_start", "frame_final_end", "filepath", "mute",
@@ -43,29 +44,6 @@ def read_png(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGBA"))
 
 
-class Layout:
-    def __init__(self):
-        self.labels, self.operators, self.props = [], [], []
-
-    def label(self, text="", icon="NONE"):
-        self.labels.append((text, icon))
-
-    def operator(self, idname, **_):
-        self.operators.append(idname)
-        return SimpleNamespace()
-
-    def prop(self, data, name, **_):
-        self.props.append(name)
-
-    def progress(self, **_):
-        pass
-
-    def box(self, **_):
-        return self
-
-    column = row = box
-
-
 def test_matting_choices_in_the_panel(scene, shared_dir):
     from ss4d_blender.blender import panels
 
@@ -80,7 +58,7 @@ def test_matting_choices_in_the_panel(scene, shared_dir):
     drawn = {}
     for mode in ("AUTO", "ALPHA", "LEARNED", "CHROMA"):
         s.matting = mode
-        layout = Layout()
+        layout = RecordingLayout()
         panels.SS4D_PT_sequencer.draw(SimpleNamespace(layout=layout), bpy.context)
         drawn[mode] = layout
         assert "ss4d.preview_matte" in layout.operators
@@ -157,10 +135,10 @@ def test_matting_weights_in_the_preferences(addon, tmp_path):
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text(commit)
     fake = SimpleNamespace(**{**vars(preferences.HEADLESS), "python": "", "status": "",
-                              "cache_dir": str(tmp_path / "cache")}, layout=Layout())
+                              "cache_dir": str(tmp_path / "cache")}, layout=RecordingLayout())
     preferences.SS4D_AddonPreferences.draw(fake, bpy.context)
     preferences.MATTING_STATUS.wait()
-    fake.layout = Layout()
+    fake.layout = RecordingLayout()
     preferences.SS4D_AddonPreferences.draw(fake, bpy.context)
     labels = fake.layout.labels
     assert ("Matting Weights (BiRefNet, MIT licence)", "NONE") in labels
@@ -201,9 +179,9 @@ def test_panel_says_when_the_learned_matting_weights_are_missing(scene, tmp_path
     from ss4d_blender.blender import panels
 
     def drawn():
-        panels._draw_run(Layout(), bpy.context)
+        panels._draw_run(RecordingLayout(), bpy.context)
         preferences.MATTING_STATUS.wait()
-        layout = Layout()
+        layout = RecordingLayout()
         panels._draw_run(layout, bpy.context)
         return [text for text, icon in layout.labels if icon == "ERROR"]
     scene.ss4d.matting = "LEARNED"
