@@ -66,8 +66,7 @@ def add_animate_parser(sub) -> None:
                        description="Register the per-frame meshes of a result into one animated mesh (.npz).")
     a.add_argument("result", type=Path, help="result.safetensors written by `generate`")
     a.add_argument("output", type=Path, help="output .npz")
-    cli_common.add_animate_flags(a, reference_help="frame (counted from 0) whose shape gives the topology "
-                                                   "(default: the most complete)")
+    cli_common.add_animate_flags(a)
     cli_common.add_device_flags(a, precision=False)
     a.add_argument("--quiet", action="store_true", help="no progress bars (default: shown)")
     a.set_defaults(run=cmd_animate)

@@ -171,8 +171,10 @@ def add_frame_flags(parser: argparse.ArgumentParser, frames_default: str, start_
     parser.add_argument("--step", type=positive_int, default=None, help=f"{step_help} (default: 1)")
 
 
-def add_animate_flags(parser: argparse.ArgumentParser, reference_help: str) -> None:
-    """Registration (`api.animate`): `target_vertices`, `reference_frame`, `temporal_smoothing`, device."""
+def add_animate_flags(parser: argparse.ArgumentParser,
+                      reference_help: str = "frame (counted from 0) whose shape gives the topology "
+                                            "(default: the most complete)") -> None:
+    """Registration (`api.animate`): `target_vertices`, `reference_frame`, `temporal_smoothing`."""
     parser.add_argument("--vertices", dest="target_vertices", type=positive_int, default=None, metavar="N",
                         help="vertex count of the animated mesh (default: 20000)")
     parser.add_argument("--reference-frame", type=int, default=None, metavar="FRAME", help=reference_help)

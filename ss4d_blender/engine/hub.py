@@ -114,17 +114,29 @@ def check_checkpoint(path: Path, source: str) -> None:
     raise WeightsError(f"{missing} is missing from {source}. Download the weights again, or give a complete folder.")
 
 
-def check_pipeline_folder(folder: Path, source: str) -> dict:
-    """The folder holds pipeline.json and every checkpoint it lists. Returns pipeline.json's `args`."""
-    path = folder / "pipeline.json"
+def invalid_pipeline_json(folder: Path, err: Exception) -> WeightsError:
+    return WeightsError(f"{Path(folder) / 'pipeline.json'} is not a valid SS4D pipeline.json ({err}).")
+
+
+def pipeline_args(folder: Path) -> dict:
+    """The `args` of a pipeline folder's pipeline.json (WeightsError when there is none or it is unreadable)."""
+    path = Path(folder) / "pipeline.json"
     if not path.is_file():
         raise WeightsError(f"{folder} has no pipeline.json: not a pipeline folder. Use the folder downloaded from "
                            f"the hub ({SS4D_REPO}) or one written by `make-tiny-pipeline`.")
     try:
-        args = json.loads(path.read_text())["args"]
+        return json.loads(path.read_text())["args"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise invalid_pipeline_json(folder, err) from err
+
+
+def check_pipeline_folder(folder: Path, source: str) -> dict:
+    """The folder holds pipeline.json and every checkpoint it lists. Returns pipeline.json's `args`."""
+    args = pipeline_args(folder)
+    try:
         checkpoints = list(args["models"].values()) + ([args["mesh_decoder"]] if args.get("mesh_decoder") else [])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise WeightsError(f"{path} is not a valid SS4D pipeline.json ({err}).") from err
+    except (KeyError, TypeError, AttributeError) as err:
+        raise invalid_pipeline_json(folder, err) from err
     for name in checkpoints:
         check_checkpoint(folder / name, source)
     return args

@@ -19,13 +19,13 @@ Memory: with `offload` each model is on the device only during its stage and fre
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from . import hub
 from .errors import WeightsError
 from .loading import load_model
 from .models.sparse_structure_decoder import occupancy_to_coords
@@ -60,12 +60,8 @@ class PipelineSpec:
     @classmethod
     def from_folder(cls, folder) -> "PipelineSpec":
         folder = Path(folder)
-        path = folder / "pipeline.json"
-        if not path.is_file():
-            raise WeightsError(f"{folder} has no pipeline.json: not a pipeline folder. Use the folder downloaded "
-                               f"from the hub (lizb6626/SS4D) or one written by `make-tiny-pipeline`.")
+        args = hub.pipeline_args(folder)
         try:
-            args = json.loads(path.read_text())["args"]
             spec = cls(
                 folder=folder,
                 models=dict(args["models"]),
@@ -78,10 +74,10 @@ class PipelineSpec:
                 is_random_weights=bool(args.get("is_random_weights", args.get("tiny_random_weights", False))),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise WeightsError(f"{path} is not a valid SS4D pipeline.json ({err}).") from err
+            raise hub.invalid_pipeline_json(folder, err) from err
         for role in ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model", "slat_decoder_gs"):
             if role not in spec.models:
-                raise WeightsError(f"{path} lists no '{role}' model.")
+                raise WeightsError(f"{folder / 'pipeline.json'} lists no '{role}' model.")
         return spec
 
 

@@ -67,8 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("input", type=Path, help="per-frame meshes: an .npz as described above, or a result file")
     parser.add_argument("output", type=Path, help="output .npz")
-    cli_common.add_animate_flags(parser, reference_help="frame (counted from 0) whose shape gives the topology "
-                                                        "(default: the most complete)")
+    cli_common.add_animate_flags(parser)
     cli_common.add_device_flags(parser, precision=False)
     parser.add_argument("--quiet", action="store_true", help="no progress (default: shown)")
 
